@@ -1,0 +1,3 @@
+//! Atlas-to-subject registration on libtorch tensors.
+//!
+//! PLACEHOLDER — filled in by the registration work.

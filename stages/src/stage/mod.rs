@@ -1,0 +1,282 @@
+//! The contract between the engine and a stage, and the values stages hand each other.
+//!
+//! A pipeline node runs one [`Stage`]. For each subject the engine calls [`Stage::process`]
+//! with the values its upstream nodes produced for that subject (or, for nodes whose inputs
+//! are all constant, once for the whole run), in the order the node's `inputs` lists them.
+//! Values are reference-counted, so the atlas is loaded once and shared by every subject
+//! without copying.
+//!
+//! A stage never sees other subjects and never panics on bad data: it returns a
+//! [`StageError`] that the engine records against the subject before moving on.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::volume::{Grid, Volume};
+
+/// One row of a dataset: a subject id and where its files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectEntry {
+    /// Subject id (folder name or manifest column), used for output folders and reports.
+    pub id: String,
+    /// The image file.
+    pub image: PathBuf,
+    /// The label map, when the dataset has one.
+    pub labels: Option<PathBuf>,
+    /// A brain mask, when the dataset has one.
+    pub mask: Option<PathBuf>,
+}
+
+/// An image with its optional label map and brain mask, all on the same grid.
+#[derive(Clone, Debug)]
+pub struct Scan {
+    /// The intensity image.
+    pub image: Arc<Volume>,
+    /// A label map on the image's grid.
+    pub labels: Option<Arc<Volume>>,
+    /// A brain mask (non-zero inside) on the image's grid.
+    pub mask: Option<Arc<Volume>>,
+    /// The scan on its own file grid (after any declared orientation fix), before a stage
+    /// resampled it. `None` means this scan is itself on its file grid.
+    pub native: Option<Arc<Scan>>,
+}
+
+impl Scan {
+    /// A scan holding just an image, on its own file grid.
+    pub fn from_image(image: Volume) -> Scan {
+        Scan {
+            image: Arc::new(image),
+            labels: None,
+            mask: None,
+            native: None,
+        }
+    }
+
+    /// The scan on its own file grid: `native` if set, else `self`.
+    pub fn native_scan(self: &Arc<Scan>) -> Arc<Scan> {
+        self.native.clone().unwrap_or_else(|| self.clone())
+    }
+}
+
+/// A spatial mapping from a fixed (subject) space to a moving (atlas) space.
+///
+/// A world point `p` of the fixed space maps to `affine · (p + u(p))` in the moving space,
+/// where `u` is the displacement field, in mm, sampled trilinearly on its grid (zero outside).
+#[derive(Clone, Debug)]
+pub struct Transform {
+    /// World-to-world affine applied after the displacement.
+    pub affine: crate::volume::Affine,
+    /// Displacement (3 frames: x, y, z world mm) on the fixed registration grid, if deformable.
+    pub displacement: Option<Arc<Volume>>,
+    /// The inverse mapping (moving to fixed), when the registration computed it.
+    pub inverse: Option<Arc<Transform>>,
+    /// The grid the registration worked on (the conformed fixed image's grid).
+    pub fixed_grid: Grid,
+    /// Quality figures of the deformation.
+    pub quality: TransformQuality,
+}
+
+/// Quality of a deformation, for the report.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct TransformQuality {
+    /// Percentage of fixed-grid voxels whose mapping has a Jacobian determinant ≤ 0.
+    pub nonpositive_jacobian_pct: f64,
+    /// Standard deviation of log Jacobian determinant (over voxels with a positive one).
+    pub log_jacobian_std: f64,
+    /// Final similarity value (loss) the optimiser reached.
+    pub final_loss: f64,
+}
+
+/// What `segment` produces: atlas labels and image carried into the subject's file grid.
+#[derive(Clone, Debug)]
+pub struct Segmentation {
+    /// Atlas labels through the registration, on the subject's file grid.
+    pub labels: Arc<Volume>,
+    /// Atlas labels through the headers alone (no registration), for the "before" Dice.
+    pub initial_labels: Arc<Volume>,
+    /// The atlas image through the registration, on the subject's file grid.
+    pub warped_image: Arc<Volume>,
+    /// The transform that produced them.
+    pub transform: Arc<Transform>,
+}
+
+/// Per-label Dice scores of one subject.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Scores {
+    /// `(label, dice before registration, dice after)`; a label absent from both volumes is
+    /// skipped, so it has no row.
+    pub per_label: Vec<(u32, f64, f64)>,
+    /// Mean over `per_label` before registration.
+    pub mean_before: f64,
+    /// Mean over `per_label` after registration.
+    pub mean_after: f64,
+    /// Quality of the deformation, when known.
+    pub quality: Option<TransformQuality>,
+}
+
+/// A value a stage produces for one subject (or once, for a constant node).
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// A dataset row: where a subject's files are.
+    Entry(Arc<SubjectEntry>),
+    /// An image with optional labels and mask.
+    Scan(Arc<Scan>),
+    /// A registration result.
+    Transform(Arc<Transform>),
+    /// Labels carried into the subject's grid.
+    Segmentation(Arc<Segmentation>),
+    /// Dice scores.
+    Scores(Arc<Scores>),
+    /// Files a sink wrote.
+    Written(Arc<Vec<PathBuf>>),
+}
+
+impl Value {
+    /// A short name of the variant, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Entry(_) => "dataset entry",
+            Value::Scan(_) => "scan",
+            Value::Transform(_) => "transform",
+            Value::Segmentation(_) => "segmentation",
+            Value::Scores(_) => "scores",
+            Value::Written(_) => "written files",
+        }
+    }
+}
+
+/// The values a node receives: one per declared input, in declaration order.
+#[derive(Debug, Default)]
+pub struct Inputs<'a> {
+    /// `(upstream node name, its value)`.
+    pub values: Vec<(&'a str, &'a Value)>,
+}
+
+impl<'a> Inputs<'a> {
+    /// The `n`-th input, or an error naming what was expected.
+    pub fn get(&self, n: usize) -> Result<&'a Value, StageError> {
+        self.values
+            .get(n)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| StageError::Input(format!("expected at least {} inputs", n + 1)))
+    }
+
+    /// The `n`-th input, which must be a scan.
+    pub fn scan(&self, n: usize) -> Result<&'a Arc<Scan>, StageError> {
+        match self.get(n)? {
+            Value::Scan(s) => Ok(s),
+            other => Err(self.wrong(n, "scan", other)),
+        }
+    }
+
+    /// The first input holding a value of the wanted kind, found by `pick`.
+    pub fn find<T>(&self, pick: impl Fn(&'a Value) -> Option<T>) -> Option<T> {
+        self.values.iter().find_map(|(_, v)| pick(v))
+    }
+
+    fn wrong(&self, n: usize, want: &str, got: &Value) -> StageError {
+        let name = self.values.get(n).map(|(name, _)| *name).unwrap_or("?");
+        StageError::Input(format!(
+            "input {n} ({name}) is a {}, expected a {want}",
+            got.kind()
+        ))
+    }
+}
+
+/// Where a stage runs: the engine keeps compute stages off the async runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageKind {
+    /// Reads or writes files; runs on the async runtime's blocking pool.
+    Io,
+    /// Heavy numerical work (libtorch); runs on dedicated worker threads.
+    Compute,
+}
+
+/// What a stage knows about the subject and run it works for.
+#[derive(Clone, Debug)]
+pub struct Context<'a> {
+    /// The subject id (`"<constant>"` for constant nodes).
+    pub subject: &'a str,
+    /// The pipeline's output directory.
+    pub output_dir: &'a Path,
+    /// The node's name in the pipeline file.
+    pub node: &'a str,
+}
+
+/// One subject's outcome, as the engine saw it; given to sinks at the end of a run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SubjectOutcome {
+    /// Subject id.
+    pub subject: String,
+    /// `None` if every stage succeeded, else `(node, reason)` of the first failure.
+    pub failure: Option<(String, String)>,
+    /// Seconds spent in each node, in pipeline order.
+    pub timings: Vec<(String, f64)>,
+    /// Dice scores, when a `dice` node ran.
+    pub scores: Option<Scores>,
+}
+
+/// Everything a sink needs at the end of a run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunSummary {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// One outcome per subject, in the order subjects finished.
+    pub subjects: Vec<SubjectOutcome>,
+    /// Wall-clock time of the whole run.
+    pub elapsed: Duration,
+}
+
+/// A stage failed for one subject.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A file could not be read or written.
+    #[error(transparent)]
+    Io(#[from] crate::io::IoError),
+    /// The inputs are not what the stage needs (wrong kind, missing labels, shapes disagree).
+    #[error("{0}")]
+    Input(String),
+    /// The data cannot be processed (NaNs where none may be, empty masks, …).
+    #[error("{0}")]
+    Data(String),
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A pipeline step. Implementations are built from their `*Config` by the registry.
+pub trait Stage: Send + Sync {
+    /// Where the engine should run it.
+    fn kind(&self) -> StageKind {
+        StageKind::Io
+    }
+
+    /// Processes one subject's inputs (or, for a constant node, the run's).
+    ///
+    /// # Errors
+    /// Any failure for this subject; the engine records it and the run goes on.
+    fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError>;
+
+    /// Called once after every subject went through, with the whole run's outcomes. Sinks
+    /// (the report) write their files here.
+    ///
+    /// # Errors
+    /// If the sink could not write its output.
+    fn finish(
+        &self,
+        _ctx: &Context<'_>,
+        _summary: &RunSummary,
+    ) -> Result<Vec<PathBuf>, StageError> {
+        Ok(Vec::new())
+    }
+
+    /// For source nodes: the subjects of the dataset, each becoming one stream element.
+    /// `None` for every other stage.
+    ///
+    /// # Errors
+    /// If the dataset cannot be listed (missing root, unreadable manifest).
+    fn subjects(&self) -> Option<Result<Vec<SubjectEntry>, StageError>> {
+        None
+    }
+}
