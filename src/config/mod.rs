@@ -1,0 +1,483 @@
+//! Pipeline files: TOML text to a checked [`PipelineFile`], with every error located.
+//!
+//! Loading runs in phases and collects every problem of a phase before giving up, so a user
+//! fixing a file sees all of its mistakes at once:
+//!
+//! 1. TOML syntax (a syntax error stops here: nothing after it can be trusted);
+//! 2. the file's shape: a `[pipeline]` table with known keys, `[vars]`, `[nodes.*]` with a
+//!    `type` and well-formed `inputs`;
+//! 3. `${VAR}` expansion in every string (environment first, then `[vars]`);
+//! 4. each node's parameters, checked by its stage's own config (unknown, missing or
+//!    mistyped keys);
+//! 5. the graph ([`crate::graph`]): inputs that name nothing, cycles, sources;
+//! 6. files the stages will read exist.
+//!
+//! Every error carries the file and, where the text has one, the line of the offending key.
+//! Keys are kept with their byte spans (`toml::Spanned`) for that purpose only.
+
+mod vars;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use vars::expand;
+
+/// Capacity of every channel between two nodes unless the file says otherwise.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 2;
+
+/// One problem found in a pipeline file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// 1-based line and column, when the problem has a place in the text.
+    pub position: Option<(usize, usize)>,
+    /// The node concerned, if any.
+    pub node: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if let Some(node) = &self.node {
+            write!(f, ": node `{node}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found, in file order.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, e) in self.0.iter().enumerate() {
+            if n > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The pipeline file as written: the `[pipeline]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsWire {
+    name: Option<String>,
+    output: Option<String>,
+    channel_capacity: Option<usize>,
+    description: Option<String>,
+}
+
+/// The pipeline file as written, keys kept with their spans.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWire {
+    pipeline: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    vars: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    nodes: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+}
+
+/// Run-wide settings from `[pipeline]`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The pipeline's name (default: the file's stem).
+    pub name: String,
+    /// Where results go (default `out/<name>`).
+    pub output: PathBuf,
+    /// Default capacity of the channels between nodes.
+    pub channel_capacity: usize,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// One `[nodes.NAME]` table, parsed but not yet built into a stage.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// The node's name.
+    pub name: String,
+    /// Its `type`.
+    pub kind: String,
+    /// Names of upstream nodes, in order.
+    pub inputs: Vec<String>,
+    /// How many subjects this node works on at once.
+    pub concurrency: usize,
+    /// Capacity of the channel feeding this node, if set.
+    pub channel_capacity: Option<usize>,
+    /// The stage's own parameters, `${VAR}`s expanded.
+    pub params: toml::Table,
+    /// Line of the node's header.
+    pub line: usize,
+    /// Line of each key, for errors about it.
+    pub key_lines: BTreeMap<String, usize>,
+}
+
+/// A pipeline file, parsed, with variables expanded.
+#[derive(Clone, Debug)]
+pub struct PipelineFile {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Run-wide settings.
+    pub settings: Settings,
+    /// Nodes, in name order.
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// Keys of a node table that the engine consumes; everything else goes to the stage.
+const ENGINE_KEYS: &[&str] = &["type", "inputs", "concurrency", "channel_capacity"];
+
+/// Converts byte offsets to 1-based `(line, column)`.
+pub(crate) struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub(crate) fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    pub(crate) fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset).max(1);
+        (line, offset - self.starts[line - 1] + 1)
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.position(offset).0
+    }
+}
+
+impl PipelineFile {
+    /// Reads and parses a pipeline file (phases 1–3 of the module doc).
+    ///
+    /// # Errors
+    /// Every problem found, each located in the file.
+    pub fn load(path: &Path) -> Result<PipelineFile, ConfigErrors> {
+        let text = fs_err::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                position: None,
+                node: None,
+                message: format!("cannot read pipeline file: {}", io_reason(&e)),
+            }])
+        })?;
+        PipelineFile::parse(path, &text)
+    }
+
+    /// Parses pipeline text that came from `path` (used in messages and for the default name).
+    ///
+    /// # Errors
+    /// Every problem found, each located in the file.
+    pub fn parse(path: &Path, text: &str) -> Result<PipelineFile, ConfigErrors> {
+        let lines = LineIndex::new(text);
+        let err = |offset: Option<usize>, node: Option<&str>, message: String| ConfigError {
+            file: path.to_path_buf(),
+            position: offset.map(|o| lines.position(o)),
+            node: node.map(str::to_string),
+            message,
+        };
+
+        let wire: FileWire = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            let message = e.message().trim().to_string();
+            ConfigErrors(vec![err(offset, None, message)])
+        })?;
+
+        let mut errors = Vec::new();
+        let vars = wire_vars(&wire.vars, &mut |o, m| errors.push(err(Some(o), None, m)));
+        let settings = settings(path, wire.pipeline.as_ref(), &vars, &mut |o, m| {
+            errors.push(err(o, None, m))
+        });
+
+        if wire.nodes.is_empty() {
+            errors.push(err(
+                None,
+                None,
+                "the file declares no nodes ([nodes.NAME] tables)".into(),
+            ));
+        }
+        let mut nodes = Vec::new();
+        for (name, table) in &wire.nodes {
+            let node_name = name.get_ref().as_str();
+            let mut report = |o: usize, m: String| errors.push(err(Some(o), Some(node_name), m));
+            if let Some(node) = node_spec(name, table, &vars, &lines, &mut report) {
+                nodes.push(node);
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(PipelineFile {
+                path: path.to_path_buf(),
+                settings,
+                nodes,
+            })
+        } else {
+            errors.sort_by_key(|e| e.position);
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// An error located at `key` of `node` (or at the node's header if the key is absent).
+    pub fn error_at(&self, node: &NodeSpec, key: Option<&str>, message: String) -> ConfigError {
+        let line = key
+            .and_then(|k| node.key_lines.get(k).copied())
+            .unwrap_or(node.line);
+        ConfigError {
+            file: self.path.clone(),
+            position: Some((line, 1)),
+            node: Some(node.name.clone()),
+            message,
+        }
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    // fs-err puts the path in its message; the caller already names the file.
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// `[vars]` values as strings (numbers and booleans are accepted and stringified).
+fn wire_vars(
+    wire: &BTreeMap<String, Spanned<toml::Value>>,
+    report: &mut dyn FnMut(usize, String),
+) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for (name, value) in wire {
+        let text = match value.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                report(
+                    value.span().start,
+                    format!("variable `{name}` must be a string or number"),
+                );
+                continue;
+            }
+        };
+        vars.insert(name.clone(), text);
+    }
+    vars
+}
+
+fn settings(
+    path: &Path,
+    wire: Option<&Spanned<toml::Value>>,
+    vars: &BTreeMap<String, String>,
+    report: &mut dyn FnMut(Option<usize>, String),
+) -> Settings {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let mut parsed = SettingsWire::default();
+    if let Some(wire) = wire {
+        let offset = wire.span().start;
+        match SettingsWire::deserialize(wire.get_ref().clone()) {
+            Ok(s) => parsed = s,
+            Err(e) => report(Some(offset), format!("[pipeline]: {}", e.message().trim())),
+        }
+    }
+    let mut expand_or_report = |s: &str| match expand(s, vars) {
+        Ok(s) => s,
+        Err(m) => {
+            report(wire.map(|w| w.span().start), format!("[pipeline]: {m}"));
+            s.to_string()
+        }
+    };
+    let name = parsed.name.as_deref().map(&mut expand_or_report);
+    let name = name.or(stem).unwrap_or_else(|| "pipeline".to_string());
+    let output = match parsed.output.as_deref() {
+        Some(o) => PathBuf::from(expand_or_report(o)),
+        None => Path::new("out").join(&name),
+    };
+    if parsed.channel_capacity == Some(0) {
+        report(
+            wire.map(|w| w.span().start),
+            "[pipeline]: channel_capacity must be at least 1".into(),
+        );
+    }
+    Settings {
+        name,
+        output,
+        channel_capacity: parsed
+            .channel_capacity
+            .unwrap_or(DEFAULT_CHANNEL_CAPACITY)
+            .max(1),
+        description: parsed.description,
+    }
+}
+
+type WireNode = Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>;
+
+fn node_spec(
+    name: &Spanned<String>,
+    table: &WireNode,
+    vars: &BTreeMap<String, String>,
+    lines: &LineIndex,
+    report: &mut dyn FnMut(usize, String),
+) -> Option<NodeSpec> {
+    let header = name.span().start;
+    let mut key_lines = BTreeMap::new();
+    let mut values = BTreeMap::new();
+    for (key, value) in table.get_ref() {
+        key_lines.insert(key.get_ref().clone(), lines.line(key.span().start));
+        values.insert(key.get_ref().as_str(), value);
+    }
+    let at = |key: &str| values.get(key).map(|v| v.span().start).unwrap_or(header);
+
+    let kind = match values.get("type").map(|v| v.get_ref()) {
+        Some(toml::Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            report(at("type"), "`type` must be a string".into());
+            None
+        }
+        None => {
+            report(
+                header,
+                "missing `type` (the kind of stage this node runs)".into(),
+            );
+            None
+        }
+    };
+    let inputs = match values.get("inputs").map(|v| v.get_ref()) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) if items.iter().all(|i| i.is_str()) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        Some(toml::Value::String(one)) => vec![one.clone()],
+        Some(_) => {
+            report(at("inputs"), "`inputs` must be a list of node names".into());
+            Vec::new()
+        }
+    };
+    let positive = |key: &str, report: &mut dyn FnMut(usize, String)| -> Option<usize> {
+        match values.get(key).map(|v| v.get_ref()) {
+            None => None,
+            Some(toml::Value::Integer(n)) if *n >= 1 => Some(*n as usize),
+            Some(_) => {
+                report(
+                    at(key),
+                    format!("`{key}` must be a whole number of at least 1"),
+                );
+                None
+            }
+        }
+    };
+    let concurrency = positive("concurrency", report).unwrap_or(1);
+    let channel_capacity = positive("channel_capacity", report);
+
+    let mut params = toml::Table::new();
+    for (key, value) in &values {
+        if ENGINE_KEYS.contains(key) {
+            continue;
+        }
+        match vars::expand_value(value.get_ref(), vars) {
+            Ok(v) => {
+                params.insert(key.to_string(), v);
+            }
+            Err(m) => report(value.span().start, format!("`{key}`: {m}")),
+        }
+    }
+
+    Some(NodeSpec {
+        name: name.get_ref().clone(),
+        kind: kind?,
+        inputs,
+        concurrency,
+        channel_capacity,
+        params,
+        line: lines.line(header),
+        key_lines,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PipelineFile, ConfigErrors> {
+        PipelineFile::parse(Path::new("p.toml"), text)
+    }
+
+    #[test]
+    fn nodes_keep_their_lines_and_engine_keys() {
+        let text = "[pipeline]\nname = \"x\"\n\n[nodes.a]\ntype = \"load\"\nimage = \"f\"\n\n\
+                    [nodes.b]\ntype = \"conform\"\ninputs = [\"a\"]\nconcurrency = 3\n";
+        let p = parse(text).unwrap();
+        assert_eq!(p.settings.name, "x");
+        assert_eq!(p.settings.output, Path::new("out/x"));
+        let b = &p.nodes[1];
+        assert_eq!((b.name.as_str(), b.line, b.concurrency), ("b", 8, 3));
+        assert_eq!(b.inputs, ["a"]);
+        assert_eq!(b.key_lines["inputs"], 10);
+        assert!(b.params.is_empty(), "engine keys must not reach the stage");
+        assert_eq!(p.nodes[0].params["image"].as_str(), Some("f"));
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let e = parse("[nodes.a]\ntype = \"load\"\nimage = \n").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].position.map(|p| p.0), Some(3), "{e}");
+        assert!(e.to_string().starts_with("p.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn every_structural_problem_is_reported() {
+        let text = "[pipeline]\nnmae = \"x\"\n[nodes.a]\nimage = 1\n[nodes.b]\ntype = \"x\"\n\
+                    inputs = 3\nconcurrency = 0\n";
+        let e = parse(text).unwrap_err();
+        let all = e.to_string();
+        assert!(all.contains("unknown field `nmae`"), "{all}");
+        assert!(
+            all.contains("p.toml:3:") && all.contains("missing `type`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.toml:7:") && all.contains("`inputs` must be"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.toml:8:") && all.contains("`concurrency`"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn variables_expand_from_vars_table() {
+        let text =
+            "[vars]\nroot = \"/data\"\n[nodes.a]\ntype = \"load\"\nimage = \"${root}/x.nii\"\n";
+        let p = parse(text).unwrap();
+        assert_eq!(p.nodes[0].params["image"].as_str(), Some("/data/x.nii"));
+    }
+
+    #[test]
+    fn undefined_variable_is_located() {
+        let text = "[nodes.a]\ntype = \"load\"\nimage = \"${NOT_DEFINED_ANYWHERE_42}/x\"\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.0[0].position.map(|p| p.0), Some(3));
+        assert!(e.0[0].message.contains("NOT_DEFINED_ANYWHERE_42"), "{e}");
+    }
+}

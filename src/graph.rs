@@ -1,0 +1,362 @@
+//! The node graph: stages built from their specs, checked, ordered, and drawn.
+//!
+//! [`Pipeline::build`] is phases 4–6 of [`crate::config`]: it builds every node's stage (so
+//! the stage's own config reports unknown or missing parameters), checks that every input
+//! names a node, that there is no cycle and at most one source, and that every file a stage
+//! will read exists. It returns every problem found, each located in the file.
+//!
+//! A node is *per subject* when it is the source or has a per-subject input, and *constant*
+//! otherwise: constant nodes (the atlas and what is derived from it alone) run once and
+//! their values are shared by every subject.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use voxflow_stages::registry::{self, BuildError};
+use voxflow_stages::stage::Stage;
+
+use crate::config::{ConfigError, ConfigErrors, NodeSpec, PipelineFile, Settings};
+
+/// A node ready to run.
+pub struct Node {
+    /// Its spec from the file.
+    pub spec: NodeSpec,
+    /// The runtime stage.
+    pub stage: Arc<dyn Stage>,
+    /// Indices (into [`Pipeline::nodes`]) of its inputs, in declared order.
+    pub inputs: Vec<usize>,
+    /// Whether it runs once per subject (else once per run).
+    pub per_subject: bool,
+    /// Whether it is the dataset source.
+    pub source: bool,
+}
+
+/// A validated pipeline: nodes in topological order.
+pub struct Pipeline {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Run-wide settings.
+    pub settings: Settings,
+    /// Nodes, upstream before downstream.
+    pub nodes: Vec<Node>,
+}
+
+impl Pipeline {
+    /// Builds and checks every node of `file` (see the module doc).
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file, line and node.
+    pub fn build(file: PipelineFile) -> Result<Pipeline, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut stages = Vec::with_capacity(file.nodes.len());
+        for node in &file.nodes {
+            stages.push(build_stage(&file, node, &mut errors));
+        }
+
+        let index: BTreeMap<&str, usize> = file
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
+        let mut edges = vec![Vec::new(); file.nodes.len()];
+        for (i, node) in file.nodes.iter().enumerate() {
+            for input in &node.inputs {
+                match index.get(input.as_str()) {
+                    Some(&j) => edges[i].push(j),
+                    None => errors.push(file.error_at(
+                        node,
+                        Some("inputs"),
+                        unknown_input_message(input, &index),
+                    )),
+                }
+            }
+        }
+
+        let order = match topological_order(&edges) {
+            Ok(order) => order,
+            Err(cycle) => {
+                let names: Vec<&str> = cycle.iter().map(|&i| file.nodes[i].name.as_str()).collect();
+                let first = &file.nodes[cycle[0]];
+                errors.push(file.error_at(
+                    first,
+                    Some("inputs"),
+                    format!(
+                        "the inputs form a cycle: {} -> {}",
+                        names.join(" -> "),
+                        names[0]
+                    ),
+                ));
+                (0..file.nodes.len()).collect()
+            }
+        };
+
+        let sources: Vec<usize> = (0..stages.len())
+            .filter(|&i| stages[i].as_ref().is_some_and(|s| s.subjects().is_some()))
+            .collect();
+        if sources.len() > 1 {
+            let names: Vec<&str> = sources
+                .iter()
+                .map(|&i| file.nodes[i].name.as_str())
+                .collect();
+            errors.push(file.error_at(
+                &file.nodes[sources[1]],
+                Some("type"),
+                format!(
+                    "only one dataset source per pipeline; found {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+
+        if !errors.is_empty() {
+            errors.sort_by_key(|e| e.position);
+            return Err(ConfigErrors(errors));
+        }
+        Ok(assemble(file, stages, edges, &order, &sources))
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.spec.name == name)
+    }
+
+    /// The graph in Graphviz DOT: constant nodes as boxes, the source as a folder, edges
+    /// labelled with the input position when a node has several.
+    pub fn to_dot(&self) -> String {
+        let mut dot = String::new();
+        let _ = writeln!(dot, "digraph {:?} {{", self.settings.name);
+        let _ = writeln!(dot, "  rankdir=LR;\n  node [fontname=\"Helvetica\"];");
+        for node in &self.nodes {
+            let shape = if node.source {
+                "folder"
+            } else if node.per_subject {
+                "ellipse"
+            } else {
+                "box"
+            };
+            let extra = if node.spec.concurrency > 1 {
+                format!("\\n×{}", node.spec.concurrency)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                dot,
+                "  {:?} [label=\"{}\\n({}){}\", shape={shape}];",
+                node.spec.name, node.spec.name, node.spec.kind, extra
+            );
+        }
+        for node in &self.nodes {
+            for (pos, &input) in node.inputs.iter().enumerate() {
+                let from = &self.nodes[input].spec.name;
+                let style = if self.nodes[input].per_subject {
+                    ""
+                } else {
+                    ", style=dashed"
+                };
+                let _ = writeln!(
+                    dot,
+                    "  {:?} -> {:?} [label=\"{pos}\"{style}];",
+                    from, node.spec.name
+                );
+            }
+        }
+        dot.push_str("}\n");
+        dot
+    }
+}
+
+fn build_stage(
+    file: &PipelineFile,
+    node: &NodeSpec,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<dyn Stage>> {
+    match registry::build(&node.kind, node.params.clone()) {
+        Ok(built) => {
+            for (param, path) in &built.files {
+                if !path.exists() {
+                    let message = format!("`{param}`: {} does not exist", path.display());
+                    errors.push(file.error_at(node, Some(param), message));
+                }
+            }
+            Some(built.stage)
+        }
+        Err(BuildError::UnknownType { kind, known }) => {
+            let hint = suggest(&kind, known.iter().copied())
+                .map(|s| format!(" (did you mean {s:?}?)"))
+                .unwrap_or_default();
+            let message = format!(
+                "unknown node type {kind:?}{hint}; known: {}",
+                known.join(", ")
+            );
+            errors.push(file.error_at(node, Some("type"), message));
+            None
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let key = backticked(&message)
+                .filter(|k| node.key_lines.contains_key(*k))
+                .map(str::to_string);
+            let message = match key {
+                Some(ref k) if message.starts_with("unknown field") => {
+                    format!(
+                        "unknown parameter `{k}` for type {:?}: {message}",
+                        node.kind
+                    )
+                }
+                _ => message,
+            };
+            errors.push(file.error_at(node, key.as_deref(), message));
+            None
+        }
+    }
+}
+
+/// The first `` `word` `` in a serde message: the key it is about.
+fn backticked(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(&message[start..start + len])
+}
+
+fn unknown_input_message(input: &str, index: &BTreeMap<&str, usize>) -> String {
+    let hint = suggest(input, index.keys().copied())
+        .map(|s| format!(" (did you mean {s:?}?)"))
+        .unwrap_or_default();
+    format!("input {input:?} names no node{hint}")
+}
+
+/// The candidate closest to `word` by edit distance, if close enough to be a typo.
+fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Kahn's algorithm over `edges[node] = inputs`; on a cycle, returns one cycle's nodes.
+fn topological_order(edges: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = edges.len();
+    let mut pending: Vec<usize> = edges.iter().map(|e| e.len()).collect();
+    let mut consumers = vec![Vec::new(); n];
+    for (i, inputs) in edges.iter().enumerate() {
+        for &j in inputs {
+            consumers[j].push(i);
+        }
+    }
+    let mut ready: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).rev().collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for &c in consumers[i].iter().rev() {
+            pending[c] -= 1;
+            if pending[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk inputs among the unordered nodes until one repeats: that is a cycle.
+    let stuck: BTreeSet<usize> = (0..n).filter(|i| !order.contains(i)).collect();
+    let mut path = vec![
+        *stuck
+            .iter()
+            .next()
+            .expect("a failed sort leaves nodes unordered"),
+    ];
+    loop {
+        let last = *path.last().expect("path starts non-empty");
+        let next = edges[last]
+            .iter()
+            .copied()
+            .find(|j| stuck.contains(j))
+            .unwrap_or(path[0]);
+        if let Some(at) = path.iter().position(|&p| p == next) {
+            let mut cycle = path.split_off(at);
+            cycle.reverse();
+            return Err(cycle);
+        }
+        path.push(next);
+    }
+}
+
+fn assemble(
+    file: PipelineFile,
+    stages: Vec<Option<Arc<dyn Stage>>>,
+    edges: Vec<Vec<usize>>,
+    order: &[usize],
+    sources: &[usize],
+) -> Pipeline {
+    let mut position = vec![0; order.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        position[i] = pos;
+    }
+    let mut specs: Vec<Option<NodeSpec>> = file.nodes.into_iter().map(Some).collect();
+    let mut stages = stages;
+    let mut nodes: Vec<Node> = Vec::with_capacity(order.len());
+    for &i in order {
+        let inputs: Vec<usize> = edges[i].iter().map(|&j| position[j]).collect();
+        let source = sources.contains(&i);
+        let per_subject = source || inputs.iter().any(|&j| nodes[j].per_subject);
+        nodes.push(Node {
+            spec: specs[i].take().expect("each node is placed once"),
+            stage: stages[i]
+                .take()
+                .expect("stages exist when no error was found"),
+            inputs,
+            per_subject,
+            source,
+        });
+    }
+    Pipeline {
+        path: file.path,
+        settings: file.settings,
+        nodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_inputs_first() {
+        let edges = vec![vec![2], vec![], vec![1]];
+        assert_eq!(topological_order(&edges).unwrap(), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn finds_the_cycle() {
+        let edges = vec![vec![], vec![3], vec![1], vec![2]];
+        let mut cycle = topological_order(&edges).unwrap_err();
+        cycle.sort();
+        assert_eq!(cycle, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn suggests_close_names_only() {
+        let names = ["register", "segment", "dice"];
+        assert_eq!(suggest("regsiter", names.iter().copied()), Some("register"));
+        assert_eq!(suggest("histogram", names.iter().copied()), None);
+    }
+}

@@ -1,0 +1,427 @@
+//! Running a validated pipeline over a dataset with bounded memory.
+//!
+//! Constant nodes (the atlas and what derives from it alone) run once, first; their values
+//! are shared by every subject through `Arc`s. Then the source lists the dataset and each
+//! subject becomes a [`Record`] that travels down the per-subject nodes in topological order:
+//!
+//! ```text
+//! source -> [chan] -> node 1 (× concurrency) -> [chan] -> node 2 -> ... -> collector
+//! ```
+//!
+//! Every channel is bounded (`channel_capacity`, per pipeline or per node), so at most
+//! `capacity + concurrency` records wait at or work in any node, whatever the dataset's size:
+//! peak memory depends on capacities and concurrency, not on the number of subjects. A
+//! record drops each value right after its last consumer ran, so a finished volume does not
+//! ride along to the end.
+//!
+//! Shutdown: the source closes the first channel after the last subject; the workers of a
+//! node hold the only senders of the next channel, so it closes once they have all drained
+//! their input and exited. The collector ends when the last channel closes.
+//!
+//! Compute stages (libtorch) run on dedicated OS threads that block on their channel; I/O
+//! stages run as async tasks that hand each call to the runtime's blocking pool. A stage that
+//! fails or panics marks the record failed; later nodes pass it through untouched and the
+//! run goes on with the next subject.
+
+mod progress;
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use async_channel::{Receiver, Sender};
+use tracing::{Instrument, info, info_span, warn};
+use voxflow_stages::stage::{
+    Context, Inputs, RunSummary, StageKind, SubjectEntry, SubjectOutcome, Value,
+};
+
+pub use progress::{Progress, ProgressWriter};
+
+use crate::graph::Pipeline;
+
+/// How to run, beyond what the pipeline file says.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Output directory overriding the file's.
+    pub output: Option<PathBuf>,
+    /// Where to draw progress bars; `None` for none.
+    pub bars: Option<indicatif::MultiProgress>,
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Per-subject outcomes, as sinks saw them.
+    pub summary: RunSummary,
+    /// The output directory.
+    pub output: PathBuf,
+    /// Files the sinks wrote at the end (reports).
+    pub reports: Vec<PathBuf>,
+}
+
+impl RunOutcome {
+    /// Number of subjects that failed in some node.
+    pub fn failed(&self) -> usize {
+        self.summary
+            .subjects
+            .iter()
+            .filter(|s| s.failure.is_some())
+            .count()
+    }
+}
+
+/// One subject on its way through the per-subject nodes.
+struct Record {
+    id: String,
+    /// Values by node index; constant nodes' values live in [`Shared::constants`].
+    values: Vec<Option<Value>>,
+    failure: Option<(String, String)>,
+    timings: Vec<(String, f64)>,
+}
+
+/// What every worker reads.
+struct Shared {
+    pipeline: Pipeline,
+    constants: Vec<Option<Value>>,
+    output: PathBuf,
+    /// For each node, the index of the last per-subject node that reads it.
+    last_use: Vec<usize>,
+    progress: Progress,
+}
+
+/// Runs `pipeline` to the end.
+///
+/// # Errors
+/// Only for problems that stop the whole run: the output directory cannot be made, the
+/// dataset cannot be listed, a constant node (the atlas) fails. A failing subject is not an
+/// error here: it is counted in the outcome.
+pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    let output = options
+        .output
+        .clone()
+        .unwrap_or_else(|| pipeline.settings.output.clone());
+    fs_err::create_dir_all(&output).context("cannot create the output directory")?;
+
+    let constants = run_constants(&pipeline, &output).await?;
+    let entries = list_subjects(&pipeline)?;
+    info!(pipeline = %pipeline.settings.name, subjects = entries.len(), output = %output.display(),
+        "Starting run");
+
+    let stream: Vec<usize> = (0..pipeline.nodes.len())
+        .filter(|&i| pipeline.nodes[i].per_subject)
+        .collect();
+    let names: Vec<String> = stream
+        .iter()
+        .filter(|&&i| !pipeline.nodes[i].source)
+        .map(|&i| pipeline.nodes[i].spec.name.clone())
+        .collect();
+    let progress = Progress::new(options.bars.as_ref(), &names, entries.len() as u64);
+    let last_use = last_uses(&pipeline);
+    let shared = Arc::new(Shared {
+        pipeline,
+        constants,
+        output: output.clone(),
+        last_use,
+        progress,
+    });
+
+    let collected = stream_subjects(shared.clone(), &stream, entries).await?;
+    shared.progress.finish();
+
+    let summary = RunSummary {
+        pipeline: shared.pipeline.settings.name.clone(),
+        subjects: collected,
+        elapsed: started.elapsed(),
+    };
+    let reports = finish_sinks(&shared, &summary)?;
+    Ok(RunOutcome {
+        summary,
+        output,
+        reports,
+    })
+}
+
+async fn run_constants(
+    pipeline: &Pipeline,
+    output: &std::path::Path,
+) -> anyhow::Result<Vec<Option<Value>>> {
+    let mut values: Vec<Option<Value>> = vec![None; pipeline.nodes.len()];
+    for (i, node) in pipeline.nodes.iter().enumerate() {
+        if node.per_subject {
+            continue;
+        }
+        let started = Instant::now();
+        let inputs: Vec<(String, Value)> = node
+            .inputs
+            .iter()
+            .filter_map(|&j| {
+                values[j]
+                    .clone()
+                    .map(|v| (pipeline.nodes[j].spec.name.clone(), v))
+            })
+            .collect();
+        let stage = node.stage.clone();
+        let (name, out) = (node.spec.name.clone(), output.to_path_buf());
+        let result = tokio::task::spawn_blocking(move || {
+            let ctx = Context {
+                subject: "<constant>",
+                output_dir: &out,
+                node: &name,
+            };
+            let inputs = Inputs {
+                values: inputs.iter().map(|(n, v)| (n.as_str(), v)).collect(),
+            };
+            stage.process(&ctx, &inputs)
+        })
+        .instrument(info_span!("constant", stage = %node.spec.name))
+        .await
+        .context("a constant node panicked")?;
+        let value = result.with_context(|| {
+            format!(
+                "constant node `{}` ({}) failed",
+                node.spec.name, node.spec.kind
+            )
+        })?;
+        info!(node = %node.spec.name, seconds = started.elapsed().as_secs_f64(), "Constant ready");
+        values[i] = Some(value);
+    }
+    Ok(values)
+}
+
+fn list_subjects(pipeline: &Pipeline) -> anyhow::Result<Vec<SubjectEntry>> {
+    let Some(source) = pipeline.nodes.iter().find(|n| n.source) else {
+        return Ok(Vec::new());
+    };
+    let listed = source.stage.subjects().expect("source nodes list subjects");
+    listed.with_context(|| format!("source node `{}` cannot list the dataset", source.spec.name))
+}
+
+/// For each node, the position of the last per-subject node that reads it (itself if none).
+fn last_uses(pipeline: &Pipeline) -> Vec<usize> {
+    let mut last: Vec<usize> = (0..pipeline.nodes.len()).collect();
+    for (i, node) in pipeline.nodes.iter().enumerate() {
+        for &j in &node.inputs {
+            last[j] = last[j].max(i);
+        }
+    }
+    last
+}
+
+async fn stream_subjects(
+    shared: Arc<Shared>,
+    stream: &[usize],
+    entries: Vec<SubjectEntry>,
+) -> anyhow::Result<Vec<SubjectOutcome>> {
+    let nodes = &shared.pipeline.nodes;
+    let Some(&source) = stream.iter().find(|&&i| nodes[i].source) else {
+        return Ok(Vec::new());
+    };
+    let default_capacity = shared.pipeline.settings.channel_capacity;
+    let workers: Vec<usize> = stream.iter().copied().filter(|&i| i != source).collect();
+
+    let capacity = |i: Option<&usize>| {
+        i.and_then(|&i| nodes[i].spec.channel_capacity)
+            .unwrap_or(default_capacity)
+    };
+    let (first_tx, mut rx) = async_channel::bounded::<Record>(capacity(workers.first()));
+    let mut handles = Vec::new();
+    for (pos, &node) in workers.iter().enumerate() {
+        let (tx, next_rx) = async_channel::bounded::<Record>(capacity(workers.get(pos + 1)));
+        spawn_node(&shared, node, rx, tx, &mut handles);
+        rx = next_rx;
+    }
+
+    let n_nodes = nodes.len();
+    let feeder = tokio::spawn(async move {
+        for entry in entries {
+            let mut values = vec![None; n_nodes];
+            let id = entry.id.clone();
+            values[source] = Some(Value::Entry(Arc::new(entry)));
+            let record = Record {
+                id,
+                values,
+                failure: None,
+                timings: Vec::new(),
+            };
+            if first_tx.send(record).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut outcomes = Vec::new();
+    while let Ok(record) = rx.recv().await {
+        outcomes.push(outcome(record));
+    }
+    feeder.await.context("the dataset feeder panicked")?;
+    for handle in handles {
+        match handle {
+            Worker::Task(h) => h.await.context("a node task panicked")?,
+            Worker::Thread(h) => {
+                tokio::task::spawn_blocking(move || h.join())
+                    .await
+                    .context("joining a compute thread")?
+                    .map_err(|_| anyhow::anyhow!("a compute thread panicked"))?;
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+fn outcome(record: Record) -> SubjectOutcome {
+    let scores = record.values.iter().find_map(|v| match v {
+        Some(Value::Scores(s)) => Some((**s).clone()),
+        _ => None,
+    });
+    let seconds: f64 = record.timings.iter().map(|(_, s)| s).sum();
+    match &record.failure {
+        Some((node, reason)) => {
+            warn!(subject = %record.id, node = %node, reason = %reason, "Subject failed");
+        }
+        None => match &scores {
+            Some(s) => info!(subject = %record.id, seconds, dice_before = s.mean_before,
+                dice_after = s.mean_after, "Subject done"),
+            None => info!(subject = %record.id, seconds, "Subject done"),
+        },
+    }
+    SubjectOutcome {
+        subject: record.id,
+        failure: record.failure,
+        timings: record.timings,
+        scores,
+    }
+}
+
+enum Worker {
+    Task(tokio::task::JoinHandle<()>),
+    Thread(std::thread::JoinHandle<()>),
+}
+
+fn spawn_node(
+    shared: &Arc<Shared>,
+    node: usize,
+    rx: Receiver<Record>,
+    tx: Sender<Record>,
+    handles: &mut Vec<Worker>,
+) {
+    let spec = &shared.pipeline.nodes[node].spec;
+    let kind = shared.pipeline.nodes[node].stage.kind();
+    for worker in 0..spec.concurrency {
+        let (shared, rx, tx) = (shared.clone(), rx.clone(), tx.clone());
+        match kind {
+            StageKind::Compute => {
+                let name = format!("{}-{worker}", spec.name);
+                let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                    while let Ok(record) = rx.recv_blocking() {
+                        let record = step(&shared, node, record);
+                        if tx.send_blocking(record).is_err() {
+                            break;
+                        }
+                    }
+                });
+                match spawned {
+                    Ok(h) => handles.push(Worker::Thread(h)),
+                    // Limitation: without a thread the node runs with fewer workers; the
+                    // other workers (or the pool below) still drain the channel.
+                    Err(e) => warn!(node = %spec.name, error = %e, "Cannot start a compute thread"),
+                }
+            }
+            StageKind::Io => handles.push(Worker::Task(tokio::spawn(async move {
+                while let Ok(record) = rx.recv().await {
+                    let inner = shared.clone();
+                    let record =
+                        match tokio::task::spawn_blocking(move || step(&inner, node, record)).await
+                        {
+                            Ok(r) => r,
+                            // step() catches panics itself, so only cancellation lands here.
+                            Err(_) => break,
+                        };
+                    if tx.send(record).await.is_err() {
+                        break;
+                    }
+                }
+            }))),
+        }
+    }
+}
+
+/// Runs node `node` on one record, catching failures and panics.
+fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
+    let spec = &shared.pipeline.nodes[node].spec;
+    if record.failure.is_none() {
+        let started = Instant::now();
+        let span = info_span!("stage", stage = %spec.name, subject = %record.id);
+        let result = span.in_scope(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| process(shared, node, &record)))
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        record.timings.push((spec.name.clone(), seconds));
+        match result {
+            Ok(Ok(value)) => record.values[node] = Some(value),
+            Ok(Err(reason)) => record.failure = Some((spec.name.clone(), reason)),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                record.failure = Some((spec.name.clone(), format!("internal error: {what}")));
+            }
+        }
+    }
+    for (i, value) in record.values.iter_mut().enumerate() {
+        let keep = matches!(value, Some(Value::Scores(_)));
+        if shared.last_use[i] <= node && !keep {
+            *value = None;
+        }
+    }
+    shared
+        .progress
+        .advance(&spec.name, &record.id, record.failure.is_some());
+    record
+}
+
+fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, String> {
+    let n = &shared.pipeline.nodes[node];
+    let mut values = Vec::with_capacity(n.inputs.len());
+    for &j in &n.inputs {
+        let source = if shared.pipeline.nodes[j].per_subject {
+            &record.values
+        } else {
+            &shared.constants
+        };
+        let name = shared.pipeline.nodes[j].spec.name.as_str();
+        match &source[j] {
+            Some(v) => values.push((name, v)),
+            None => return Err(format!("input `{name}` has no value for this subject")),
+        }
+    }
+    let ctx = Context {
+        subject: &record.id,
+        output_dir: &shared.output,
+        node: &n.spec.name,
+    };
+    n.stage
+        .process(&ctx, &Inputs { values })
+        .map_err(|e| e.to_string())
+}
+
+fn finish_sinks(shared: &Shared, summary: &RunSummary) -> anyhow::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for node in &shared.pipeline.nodes {
+        let ctx = Context {
+            subject: "<run>",
+            output_dir: &shared.output,
+            node: &node.spec.name,
+        };
+        let files = node
+            .stage
+            .finish(&ctx, summary)
+            .with_context(|| format!("node `{}` could not finish", node.spec.name))?;
+        written.extend(files);
+    }
+    Ok(written)
+}
