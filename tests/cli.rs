@@ -1,0 +1,346 @@
+//! End-to-end tests of the `voxflow` command on the real scans in `../shared/data`.
+//!
+//! Registration runs on a coarse grid here (4 mm) so the suite stays quick on two cores; the
+//! Dice floor is set for that resolution and scored, as always, in the subject's 1 mm grid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use voxflow_stages::io::{read_volume, write_nifti};
+use voxflow_stages::volume::DataType;
+
+const LABELS: &str = "[2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, \
+                      41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]";
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+fn voxflow(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_voxflow"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("the voxflow binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The bundled one-shot pipeline with the dataset, resolution and output swapped.
+fn oneshot(root: &Path, pattern: &str, resolution: f64, output: &Path) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "test-oneshot"
+output = "{output}"
+
+[vars]
+data = "{data}"
+
+[nodes.atlas]
+type = "load"
+image = "${{data}}/fsaverage/brain.mgz"
+labels = "${{data}}/fsaverage/aseg.mgz"
+
+[nodes.atlas_norm]
+type = "normalize"
+inputs = ["atlas"]
+
+[nodes.subjects]
+type = "dataset"
+root = "{root}"
+pattern = "{pattern}"
+image = "norm.nii.gz"
+labels = "seg.nii.gz"
+
+[nodes.scan]
+type = "load"
+inputs = ["subjects"]
+
+[nodes.oriented]
+type = "conform"
+inputs = ["scan"]
+assume_orientation = "LIA"
+
+[nodes.norm]
+type = "normalize"
+inputs = ["oriented"]
+
+[nodes.register]
+type = "register"
+inputs = ["atlas_norm", "norm"]
+resolution_mm = {resolution:.1}
+
+[nodes.segment]
+type = "segment"
+inputs = ["register", "atlas", "oriented"]
+
+[nodes.dice]
+type = "dice"
+inputs = ["segment", "oriented"]
+labels = {LABELS}
+
+[nodes.write]
+type = "write"
+inputs = ["segment"]
+field = true
+
+[nodes.report]
+type = "report"
+inputs = ["dice"]
+"#,
+        output = output.display(),
+        data = data().display(),
+        root = root.display(),
+    )
+}
+
+fn report(output: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(output.join("report.json")).expect("report.json exists");
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+#[test]
+fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("oneshot.toml");
+    std::fs::write(&pipeline, oneshot(&data(), "oasis_like_subject", 4.0, &out)).unwrap();
+
+    let run = voxflow(&["run", pipeline.to_str().unwrap(), "--no-progress"], tmp.path());
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains(&out.display().to_string()), "prints where results are");
+
+    let json = report(&out);
+    let subject = &json["subjects"][0];
+    let before = subject["dice_before"].as_f64().expect("dice_before");
+    let after = subject["dice_after"].as_f64().expect("dice_after");
+    assert!(after >= 0.65, "mean Dice after registration at 4 mm: {after}");
+    assert!(before < after - 0.2, "before {before} should be well under after {after}");
+
+    // Every written volume is in the subject's own geometry (the file's header, identity).
+    let original = read_volume(&data().join("oasis_like_subject/norm.nii.gz")).unwrap();
+    let truth = read_volume(&data().join("oasis_like_subject/seg.nii.gz")).unwrap();
+    for name in ["seg.nii.gz", "warped_atlas.nii.gz", "field.nii.gz"] {
+        let path = out.join("oasis_like_subject").join(name);
+        let written = read_volume(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(written.shape, original.shape, "{name}");
+        assert!((written.affine - original.header.affine).abs().max() < 1e-4, "{name}");
+    }
+    let field = read_volume(&out.join("oasis_like_subject/field.nii.gz")).unwrap();
+    assert_eq!(field.frames, 3, "displacement has three components");
+
+    // The written segmentation reproduces the reported Dice against the real labels.
+    let seg = read_volume(&out.join("oasis_like_subject/seg.nii.gz")).unwrap();
+    let dice_left_wm = dice(&seg.data, &truth.data, 2.0);
+    assert!(dice_left_wm > 0.7, "left cerebral white matter Dice {dice_left_wm}");
+
+    let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 31, "a header and one row per label:\n{csv}");
+}
+
+fn dice(a: &[f32], b: &[f32], label: f32) -> f64 {
+    let (mut both, mut na, mut nb) = (0usize, 0usize, 0usize);
+    for (&x, &y) in a.iter().zip(b) {
+        na += usize::from(x == label);
+        nb += usize::from(y == label);
+        both += usize::from(x == label && y == label);
+    }
+    2.0 * both as f64 / (na + nb) as f64
+}
+
+/// Several subjects, good and bad, streamed through one run: the bad ones are reported with
+/// their reason and the good ones still finish with real scores.
+#[test]
+fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("dataset");
+    let src = data().join("oasis_like_subject");
+    let image = read_volume(&src.join("norm.nii.gz")).unwrap();
+    let labels = read_volume(&src.join("seg.nii.gz")).unwrap();
+
+    // Two good subjects: the real one, and a copy shifted by 3 voxels along each axis.
+    let copy = |name: &str, dx: usize| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut img = image.clone();
+        let mut lab = labels.clone();
+        img.affine = image.header.affine;
+        lab.affine = labels.header.affine;
+        if dx > 0 {
+            img.data = shift(&image.data, image.shape, dx);
+            lab.data = shift(&labels.data, labels.shape, dx);
+        }
+        write_nifti(&dir.join("norm.nii.gz"), &img, DataType::Float32).unwrap();
+        write_nifti(&dir.join("seg.nii.gz"), &lab, DataType::Int16).unwrap();
+    };
+    copy("s1_real", 0);
+    copy("s2_shifted", 3);
+
+    // A truncated image.
+    let bad = root.join("s3_truncated");
+    std::fs::create_dir_all(&bad).unwrap();
+    let bytes = std::fs::read(src.join("norm.nii.gz")).unwrap();
+    std::fs::write(bad.join("norm.nii.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(src.join("seg.nii.gz"), bad.join("seg.nii.gz")).unwrap();
+
+    // Labels of another shape than the image.
+    let mismatched = root.join("s4_mismatched");
+    std::fs::create_dir_all(&mismatched).unwrap();
+    std::fs::copy(src.join("norm.nii.gz"), mismatched.join("norm.nii.gz")).unwrap();
+    let small = voxflow_stages::volume::Volume::new(vec![0.0; 8 * 9 * 10], [8, 9, 10], labels.affine);
+    write_nifti(&mismatched.join("seg.nii.gz"), &small, DataType::Int16).unwrap();
+
+    // Not a NIfTI file at all, and a folder without its image.
+    let text_file = root.join("s5_not_nifti");
+    std::fs::create_dir_all(&text_file).unwrap();
+    std::fs::write(text_file.join("norm.nii.gz"), "this is not an image\n").unwrap();
+    std::fs::copy(src.join("seg.nii.gz"), text_file.join("seg.nii.gz")).unwrap();
+    std::fs::create_dir_all(root.join("s6_missing")).unwrap();
+
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("dataset.toml");
+    std::fs::write(&pipeline, oneshot(&root, "s*", 4.0, &out)).unwrap();
+    let run = voxflow(&["run", pipeline.to_str().unwrap(), "--no-progress"], tmp.path());
+    let log = text(&run);
+    assert_eq!(run.status.code(), Some(1), "some subjects failed:\n{log}");
+
+    let json = report(&out);
+    let subjects = json["subjects"].as_array().expect("subjects list");
+    assert_eq!(subjects.len(), 6, "{json:#}");
+    let by_id = |id: &str| subjects.iter().find(|s| s["subject"] == id).expect(id).clone();
+    for good in ["s1_real", "s2_shifted"] {
+        let s = by_id(good);
+        assert!(s["failure"].is_null(), "{good}: {s}");
+        assert!(s["dice_after"].as_f64().unwrap() > 0.65, "{good}: {s}");
+        assert!(out.join(good).join("seg.nii.gz").exists(), "{good} written");
+    }
+    for (bad, culprit) in [
+        ("s3_truncated", "norm.nii.gz"),
+        ("s4_mismatched", "seg.nii.gz"),
+        ("s5_not_nifti", "norm.nii.gz"),
+        ("s6_missing", "norm.nii.gz"),
+    ] {
+        let s = by_id(bad);
+        let reason = s["failure"]["reason"].as_str().unwrap_or_else(|| panic!("{bad}: {s}"));
+        assert!(reason.contains(culprit), "{bad}: {reason}");
+        assert!(log.contains(bad), "{bad} is named in the log");
+        assert!(!out.join(bad).join("seg.nii.gz").exists(), "{bad} wrote no result");
+    }
+}
+
+/// Shifts a volume by `d` voxels along every axis (zeros enter at the low end).
+fn shift(data: &[f32], shape: [usize; 3], d: usize) -> Vec<f32> {
+    let [ni, nj, nk] = shape;
+    let mut out = vec![0.0; data.len()];
+    for k in d..nk {
+        for j in d..nj {
+            for i in d..ni {
+                out[i + ni * (j + nj * k)] = data[(i - d) + ni * ((j - d) + nj * (k - d))];
+            }
+        }
+    }
+    out
+}
+
+fn validate(pipeline: &str) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("broken.toml");
+    std::fs::write(&path, pipeline).unwrap();
+    let out = voxflow(&["validate", path.to_str().unwrap()], tmp.path());
+    (out.status.code(), text(&out))
+}
+
+fn broken(edit: impl Fn(String) -> String) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    validate(&edit(oneshot(&data(), "oasis_like_subject", 4.0, &tmp.path().join("o"))))
+}
+
+#[test]
+fn bundled_pipelines_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(root.join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = voxflow(&["validate", path.to_str().unwrap()], root);
+        assert!(out.status.success(), "{}: {}", path.display(), text(&out));
+    }
+}
+
+#[test]
+fn a_cycle_is_named_with_its_nodes() {
+    let (code, msg) = broken(|p| p.replace("inputs = [\"scan\"]", "inputs = [\"norm\"]"));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("cycle") && msg.contains("oriented") && msg.contains("norm"), "{msg}");
+    assert!(msg.contains("broken.toml:"), "{msg}");
+}
+
+#[test]
+fn a_typoed_parameter_is_named_with_its_line() {
+    let (code, msg) = broken(|p| p.replace("resolution_mm =", "resolution_m ="));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("resolution_m") && msg.contains("node `register`"), "{msg}");
+    let line = msg.split("broken.toml:").nth(1).and_then(|s| s.split(':').next()).unwrap();
+    let expected = oneshot(&data(), "x", 4.0, Path::new("o"))
+        .lines()
+        .position(|l| l.starts_with("resolution_mm"))
+        .unwrap()
+        + 1;
+    assert_eq!(line.parse::<usize>().unwrap(), expected, "{msg}");
+}
+
+#[test]
+fn an_unknown_node_type_is_named_with_a_suggestion() {
+    let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segmnet\""));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("segmnet") && msg.contains("did you mean \"segment\""), "{msg}");
+}
+
+#[test]
+fn a_missing_file_and_a_dangling_input_are_both_reported() {
+    let (code, msg) = broken(|p| {
+        p.replace("fsaverage/aseg.mgz", "fsaverage/no-such.mgz").replace("[\"segment\"]", "[\"segmentt\"]")
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("no-such.mgz") && msg.contains("does not exist"), "{msg}");
+    assert!(msg.contains("segmentt") && msg.contains("names no node"), "{msg}");
+}
+
+#[test]
+fn graph_prints_dot_with_every_edge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("p.toml");
+    std::fs::write(&path, oneshot(&data(), "oasis_like_subject", 4.0, &tmp.path().join("o"))).unwrap();
+    let out = voxflow(&["graph", path.to_str().unwrap()], tmp.path());
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && dot.starts_with("digraph"), "{dot}");
+    assert!(dot.contains("\"atlas_norm\" -> \"register\""), "{dot}");
+    assert!(dot.contains("\"norm\" -> \"register\""), "{dot}");
+    assert_eq!(dot.matches("->").count(), 13, "{dot}");
+}
+
+#[test]
+fn inspect_reports_geometry_as_json_and_rejects_garbage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let aseg = data().join("fsaverage/aseg.mgz");
+    let out = voxflow(&["inspect", aseg.to_str().unwrap(), "--json"], tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["shape"], serde_json::json!([256, 256, 256]));
+    assert_eq!(json["orientation"], "LIA");
+    assert_eq!(json["affine_source"], "mgh");
+    assert_eq!(json["dtype"], "float32");
+    assert_eq!(json["min"], 0.0);
+    assert_eq!(json["n_nan"], 0);
+    for key in ["voxel_size", "affine", "max", "mean"] {
+        assert!(!json[key].is_null(), "{key} in {json}");
+    }
+
+    let garbage = tmp.path().join("garbage.nii");
+    std::fs::write(&garbage, b"not a volume").unwrap();
+    let out = voxflow(&["inspect", garbage.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("garbage.nii"), "{}", text(&out));
+}
