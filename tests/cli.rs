@@ -26,7 +26,11 @@ fn voxflow(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The bundled one-shot pipeline with the dataset, resolution and output swapped.
@@ -110,16 +114,28 @@ fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
     let pipeline = tmp.path().join("oneshot.toml");
     std::fs::write(&pipeline, oneshot(&data(), "oasis_like_subject", 4.0, &out)).unwrap();
 
-    let run = voxflow(&["run", pipeline.to_str().unwrap(), "--no-progress"], tmp.path());
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
     assert!(run.status.success(), "{}", text(&run));
-    assert!(text(&run).contains(&out.display().to_string()), "prints where results are");
+    assert!(
+        text(&run).contains(&out.display().to_string()),
+        "prints where results are"
+    );
 
     let json = report(&out);
     let subject = &json["subjects"][0];
     let before = subject["dice_before"].as_f64().expect("dice_before");
     let after = subject["dice_after"].as_f64().expect("dice_after");
-    assert!(after >= 0.65, "mean Dice after registration at 4 mm: {after}");
-    assert!(before < after - 0.2, "before {before} should be well under after {after}");
+    assert!(
+        after >= 0.65,
+        "mean Dice after registration at 4 mm: {after}"
+    );
+    assert!(
+        before < after - 0.2,
+        "before {before} should be well under after {after}"
+    );
 
     // Every written volume is in the subject's own geometry (the file's header, identity).
     let original = read_volume(&data().join("oasis_like_subject/norm.nii.gz")).unwrap();
@@ -128,7 +144,10 @@ fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
         let path = out.join("oasis_like_subject").join(name);
         let written = read_volume(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(written.shape, original.shape, "{name}");
-        assert!((written.affine - original.header.affine).abs().max() < 1e-4, "{name}");
+        assert!(
+            (written.affine - original.header.affine).abs().max() < 1e-4,
+            "{name}"
+        );
     }
     let field = read_volume(&out.join("oasis_like_subject/field.nii.gz")).unwrap();
     assert_eq!(field.frames, 3, "displacement has three components");
@@ -136,10 +155,17 @@ fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
     // The written segmentation reproduces the reported Dice against the real labels.
     let seg = read_volume(&out.join("oasis_like_subject/seg.nii.gz")).unwrap();
     let dice_left_wm = dice(&seg.data, &truth.data, 2.0);
-    assert!(dice_left_wm > 0.7, "left cerebral white matter Dice {dice_left_wm}");
+    assert!(
+        dice_left_wm > 0.7,
+        "left cerebral white matter Dice {dice_left_wm}"
+    );
 
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 31, "a header and one row per label:\n{csv}");
+    assert_eq!(
+        csv.lines().count(),
+        31,
+        "a header and one row per label:\n{csv}"
+    );
 }
 
 fn dice(a: &[f32], b: &[f32], label: f32) -> f64 {
@@ -191,7 +217,8 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
     let mismatched = root.join("s4_mismatched");
     std::fs::create_dir_all(&mismatched).unwrap();
     std::fs::copy(src.join("norm.nii.gz"), mismatched.join("norm.nii.gz")).unwrap();
-    let small = voxflow_stages::volume::Volume::new(vec![0.0; 8 * 9 * 10], [8, 9, 10], labels.affine);
+    let small =
+        voxflow_stages::volume::Volume::new(vec![0.0; 8 * 9 * 10], [8, 9, 10], labels.affine);
     write_nifti(&mismatched.join("seg.nii.gz"), &small, DataType::Int16).unwrap();
 
     // Not a NIfTI file at all, and a folder without its image.
@@ -204,14 +231,23 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
     let out = tmp.path().join("out");
     let pipeline = tmp.path().join("dataset.toml");
     std::fs::write(&pipeline, oneshot(&root, "s*", 4.0, &out)).unwrap();
-    let run = voxflow(&["run", pipeline.to_str().unwrap(), "--no-progress"], tmp.path());
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
     let log = text(&run);
     assert_eq!(run.status.code(), Some(1), "some subjects failed:\n{log}");
 
     let json = report(&out);
     let subjects = json["subjects"].as_array().expect("subjects list");
     assert_eq!(subjects.len(), 6, "{json:#}");
-    let by_id = |id: &str| subjects.iter().find(|s| s["subject"] == id).expect(id).clone();
+    let by_id = |id: &str| {
+        subjects
+            .iter()
+            .find(|s| s["subject"] == id)
+            .expect(id)
+            .clone()
+    };
     for good in ["s1_real", "s2_shifted"] {
         let s = by_id(good);
         assert!(s["failure"].is_null(), "{good}: {s}");
@@ -225,10 +261,15 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
         ("s6_missing", "norm.nii.gz"),
     ] {
         let s = by_id(bad);
-        let reason = s["failure"]["reason"].as_str().unwrap_or_else(|| panic!("{bad}: {s}"));
+        let reason = s["failure"]["reason"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{bad}: {s}"));
         assert!(reason.contains(culprit), "{bad}: {reason}");
         assert!(log.contains(bad), "{bad} is named in the log");
-        assert!(!out.join(bad).join("seg.nii.gz").exists(), "{bad} wrote no result");
+        assert!(
+            !out.join(bad).join("seg.nii.gz").exists(),
+            "{bad} wrote no result"
+        );
     }
 }
 
@@ -256,7 +297,12 @@ fn validate(pipeline: &str) -> (Option<i32>, String) {
 
 fn broken(edit: impl Fn(String) -> String) -> (Option<i32>, String) {
     let tmp = tempfile::tempdir().unwrap();
-    validate(&edit(oneshot(&data(), "oasis_like_subject", 4.0, &tmp.path().join("o"))))
+    validate(&edit(oneshot(
+        &data(),
+        "oasis_like_subject",
+        4.0,
+        &tmp.path().join("o"),
+    )))
 }
 
 #[test]
@@ -273,7 +319,10 @@ fn bundled_pipelines_validate() {
 fn a_cycle_is_named_with_its_nodes() {
     let (code, msg) = broken(|p| p.replace("inputs = [\"scan\"]", "inputs = [\"norm\"]"));
     assert_eq!(code, Some(2), "{msg}");
-    assert!(msg.contains("cycle") && msg.contains("oriented") && msg.contains("norm"), "{msg}");
+    assert!(
+        msg.contains("cycle") && msg.contains("oriented") && msg.contains("norm"),
+        "{msg}"
+    );
     assert!(msg.contains("broken.toml:"), "{msg}");
 }
 
@@ -281,8 +330,15 @@ fn a_cycle_is_named_with_its_nodes() {
 fn a_typoed_parameter_is_named_with_its_line() {
     let (code, msg) = broken(|p| p.replace("resolution_mm =", "resolution_m ="));
     assert_eq!(code, Some(2), "{msg}");
-    assert!(msg.contains("resolution_m") && msg.contains("node `register`"), "{msg}");
-    let line = msg.split("broken.toml:").nth(1).and_then(|s| s.split(':').next()).unwrap();
+    assert!(
+        msg.contains("resolution_m") && msg.contains("node `register`"),
+        "{msg}"
+    );
+    let line = msg
+        .split("broken.toml:")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .unwrap();
     let expected = oneshot(&data(), "x", 4.0, Path::new("o"))
         .lines()
         .position(|l| l.starts_with("resolution_mm"))
@@ -295,24 +351,38 @@ fn a_typoed_parameter_is_named_with_its_line() {
 fn an_unknown_node_type_is_named_with_a_suggestion() {
     let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segmnet\""));
     assert_eq!(code, Some(2), "{msg}");
-    assert!(msg.contains("segmnet") && msg.contains("did you mean \"segment\""), "{msg}");
+    assert!(
+        msg.contains("segmnet") && msg.contains("did you mean \"segment\""),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_missing_file_and_a_dangling_input_are_both_reported() {
     let (code, msg) = broken(|p| {
-        p.replace("fsaverage/aseg.mgz", "fsaverage/no-such.mgz").replace("[\"segment\"]", "[\"segmentt\"]")
+        p.replace("fsaverage/aseg.mgz", "fsaverage/no-such.mgz")
+            .replace("[\"segment\"]", "[\"segmentt\"]")
     });
     assert_eq!(code, Some(2), "{msg}");
-    assert!(msg.contains("no-such.mgz") && msg.contains("does not exist"), "{msg}");
-    assert!(msg.contains("segmentt") && msg.contains("names no node"), "{msg}");
+    assert!(
+        msg.contains("no-such.mgz") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("segmentt") && msg.contains("names no node"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn graph_prints_dot_with_every_edge() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("p.toml");
-    std::fs::write(&path, oneshot(&data(), "oasis_like_subject", 4.0, &tmp.path().join("o"))).unwrap();
+    std::fs::write(
+        &path,
+        oneshot(&data(), "oasis_like_subject", 4.0, &tmp.path().join("o")),
+    )
+    .unwrap();
     let out = voxflow(&["graph", path.to_str().unwrap()], tmp.path());
     let dot = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && dot.starts_with("digraph"), "{dot}");

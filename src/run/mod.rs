@@ -425,3 +425,167 @@ fn finish_sinks(shared: &Shared, summary: &RunSummary) -> anyhow::Result<Vec<Pat
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use voxflow_stages::stage::{Stage, StageError};
+
+    use super::*;
+    use crate::config::{NodeSpec, Settings};
+    use crate::graph::Node;
+
+    struct Source(usize);
+
+    impl Stage for Source {
+        fn process(&self, _: &Context<'_>, _: &Inputs<'_>) -> Result<Value, StageError> {
+            unreachable!("the engine never calls process on a source")
+        }
+
+        fn subjects(&self) -> Option<Result<Vec<SubjectEntry>, StageError>> {
+            let entry = |n: usize| SubjectEntry {
+                id: format!("s{n:03}"),
+                image: PathBuf::from("x"),
+                labels: None,
+                mask: None,
+            };
+            Some(Ok((0..self.0).map(entry).collect()))
+        }
+    }
+
+    /// Counts subjects between the first and last node, and remembers the most at once.
+    #[derive(Default)]
+    struct InFlight {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    struct Enter(Arc<InFlight>);
+
+    impl Stage for Enter {
+        fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+            match ctx.subject {
+                "s003" => return Err(StageError::Data("bad scan".into())),
+                "s005" => panic!("stage bug"),
+                _ => {}
+            }
+            let now = self.0.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.0.most.fetch_max(now, Ordering::SeqCst);
+            Ok(inputs.get(0)?.clone())
+        }
+    }
+
+    struct Leave(Arc<InFlight>);
+
+    impl Stage for Leave {
+        fn kind(&self) -> StageKind {
+            StageKind::Compute
+        }
+
+        fn process(&self, _: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+            std::thread::sleep(Duration::from_millis(3));
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(inputs.get(0)?.clone())
+        }
+    }
+
+    fn node(
+        name: &str,
+        stage: Arc<dyn Stage>,
+        inputs: Vec<usize>,
+        capacity: Option<usize>,
+    ) -> Node {
+        let spec = NodeSpec {
+            name: name.into(),
+            kind: "test".into(),
+            inputs: Vec::new(),
+            concurrency: 1,
+            channel_capacity: capacity,
+            params: toml::Table::new(),
+            line: 1,
+            key_lines: Default::default(),
+        };
+        Node {
+            spec,
+            stage,
+            inputs,
+            per_subject: true,
+            source: name == "source",
+        }
+    }
+
+    fn pipeline(subjects: usize, capacity: usize, counter: &Arc<InFlight>) -> Pipeline {
+        let settings = Settings {
+            name: "t".into(),
+            output: std::env::temp_dir().join("voxflow-run-test"),
+            channel_capacity: 8,
+            description: None,
+        };
+        let nodes = vec![
+            node("source", Arc::new(Source(subjects)), vec![], None),
+            node("enter", Arc::new(Enter(counter.clone())), vec![0], None),
+            node(
+                "leave",
+                Arc::new(Leave(counter.clone())),
+                vec![1],
+                Some(capacity),
+            ),
+        ];
+        Pipeline {
+            path: "t.toml".into(),
+            settings,
+            nodes,
+        }
+    }
+
+    async fn run_with(subjects: usize, capacity: usize) -> (RunOutcome, usize) {
+        let counter = Arc::new(InFlight::default());
+        let tmp = std::env::temp_dir().join(format!("voxflow-run-test-{capacity}"));
+        let options = RunOptions {
+            output: Some(tmp),
+            bars: None,
+        };
+        let outcome = run(pipeline(subjects, capacity, &counter), options)
+            .await
+            .unwrap();
+        (outcome, counter.most.load(Ordering::SeqCst))
+    }
+
+    /// Between `enter` and `leave` sit the channel's `capacity` records, the one `leave`
+    /// works on, and the one `enter` holds while waiting to send: exactly `capacity + 2` at
+    /// most, however many subjects there are.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_in_flight_are_bounded_by_channel_capacity() {
+        for capacity in [1, 3] {
+            let (outcome, most) = run_with(40, capacity).await;
+            assert_eq!(outcome.summary.subjects.len(), 40);
+            assert_eq!(most, capacity + 2, "capacity {capacity}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_and_panicking_subjects_do_not_stop_the_others() {
+        let (outcome, _) = run_with(8, 2).await;
+        assert_eq!(outcome.summary.subjects.len(), 8);
+        assert_eq!(outcome.failed(), 2);
+        let failure = |id: &str| {
+            let s = outcome
+                .summary
+                .subjects
+                .iter()
+                .find(|s| s.subject == id)
+                .unwrap();
+            s.failure.clone()
+        };
+        assert_eq!(
+            failure("s003"),
+            Some(("enter".to_string(), "bad scan".to_string()))
+        );
+        let (node, reason) = failure("s005").unwrap();
+        assert_eq!(node, "enter");
+        assert!(reason.contains("stage bug"), "{reason}");
+        assert_eq!(failure("s004"), None);
+    }
+}
