@@ -11,9 +11,21 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::stage::Stage;
+use crate::stages;
 
 /// The `type` names a pipeline file may use, in the order the docs list them.
-pub const TYPES: &[&str] = &[];
+pub const TYPES: &[&str] = &[
+    "dataset",
+    "load",
+    "conform",
+    "normalize",
+    "skull_strip",
+    "register",
+    "segment",
+    "dice",
+    "write",
+    "report",
+];
 
 /// A stage built from its node, with what the engine validates before running.
 pub struct BuiltStage {
@@ -73,11 +85,63 @@ fn build_as<C: StageConfig>(params: toml::Table) -> Result<BuiltStage, BuildErro
 /// # Errors
 /// [`BuildError::UnknownType`] for an unknown `kind`, else whatever the config rejects.
 pub fn build(kind: &str, params: toml::Table) -> Result<BuiltStage, BuildError> {
-    let _ = build_as::<crate::stages::NeverConfig>;
     match kind {
+        "dataset" => build_as::<stages::DatasetConfig>(params),
+        "load" => build_as::<stages::LoadConfig>(params),
+        "conform" => build_as::<stages::ConformConfig>(params),
+        "normalize" => build_as::<stages::NormalizeConfig>(params),
+        "skull_strip" => build_as::<stages::SkullStripConfig>(params),
+        // REGISTER: the registration work provides `crate::register::RegisterConfig`; at the
+        // merge this arm becomes `build_as::<crate::register::RegisterConfig>(params)`.
+        "register" => Err(BuildError::Invalid(
+            "register stage not available in this build".into(),
+        )),
+        "segment" => build_as::<stages::SegmentConfig>(params),
+        "dice" => build_as::<stages::DiceConfig>(params),
+        "write" => build_as::<stages::WriteConfig>(params),
+        "report" => build_as::<stages::ReportConfig>(params),
         _ => Err(BuildError::UnknownType {
             kind: kind.to_string(),
             known: TYPES.to_vec(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_type_is_known_to_build() {
+        for kind in TYPES {
+            if let Err(BuildError::UnknownType { .. }) = build(kind, toml::Table::new()) {
+                panic!("{kind} is listed in TYPES but build does not know it");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_keys_are_named() {
+        let err = build("segmnet", toml::Table::new())
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("segmnet") && e.contains("segment")));
+        let params: toml::Table = toml::from_str("spacing = 1.0\nspaceing = 2.0").unwrap();
+        let err = build("conform", params).err().map(|e| e.to_string());
+        assert!(
+            err.is_some_and(|e| e.contains("spaceing")),
+            "unknown key not named"
+        );
+    }
+
+    #[test]
+    fn register_is_a_marked_placeholder() {
+        let err = build("register", toml::Table::new())
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("register stage not available in this build")
+        );
     }
 }

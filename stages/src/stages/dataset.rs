@@ -1,0 +1,435 @@
+//! `dataset`: the source stage that lists a dataset's subjects and where their files are.
+//!
+//! Two layouts are supported: one folder per subject under a root (matched by a glob, each
+//! holding files with the same names), or a CSV manifest with one row per subject. Listing
+//! only looks at names; it never opens a volume, so a subject whose image is missing still
+//! yields an entry and fails alone in `load`, with the other subjects going on.
+//!
+//! Left out: BIDS-style discovery (sessions, entities in file names) and per-subject globs
+//! for the file names; both can be expressed as a manifest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+use crate::registry::{BuildError, StageConfig};
+use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value};
+
+/// Parameters of a `dataset` node.
+///
+/// Folder layout:
+///
+/// ```toml
+/// [nodes.subjects]
+/// type = "dataset"
+/// root = "data/oasis"
+/// pattern = "OAS1_*"
+/// image = "norm.nii.gz"
+/// labels = "seg.nii.gz"
+/// ```
+///
+/// Manifest layout (`subject,image,labels[,mask]`, paths relative to the manifest's folder):
+///
+/// ```toml
+/// [nodes.subjects]
+/// type = "dataset"
+/// manifest = "data/subjects.csv"
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Folder holding one sub-folder per subject. Exclusive with `manifest`.
+    pub root: Option<PathBuf>,
+    /// Glob, relative to `root`, matching the subject folders. Default `"*"`.
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// Image file name inside each subject folder. Required with `root`.
+    pub image: Option<String>,
+    /// Label map file name inside each subject folder, if the dataset has labels.
+    pub labels: Option<String>,
+    /// Brain mask file name inside each subject folder, if the dataset has masks.
+    pub mask: Option<String>,
+    /// CSV file with a header `subject,image[,labels][,mask]`. Exclusive with `root`.
+    pub manifest: Option<PathBuf>,
+}
+
+fn default_pattern() -> String {
+    "*".to_string()
+}
+
+/// Where a dataset's subjects come from, once the configuration was checked.
+#[derive(Clone, Debug)]
+enum Layout {
+    Folders {
+        root: PathBuf,
+        pattern: String,
+        image: String,
+        labels: Option<String>,
+        mask: Option<String>,
+    },
+    Manifest(PathBuf),
+}
+
+impl StageConfig for DatasetConfig {
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        match (&self.root, &self.manifest) {
+            (Some(root), _) => vec![("root".to_string(), root.clone())],
+            (None, Some(manifest)) => vec![("manifest".to_string(), manifest.clone())],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    fn build(self) -> Result<Arc<dyn Stage>, BuildError> {
+        let layout = match (self.root, self.manifest) {
+            (Some(_), Some(_)) => {
+                return Err(BuildError::Invalid(
+                    "dataset: give either `root` or `manifest`, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(BuildError::Invalid(
+                    "dataset: give `root` (with `image`) or `manifest`".into(),
+                ));
+            }
+            (Some(root), None) => {
+                let Some(image) = self.image else {
+                    return Err(BuildError::Invalid(format!(
+                        "dataset: `root = {:?}` needs `image`, the image file name inside each \
+                         subject folder",
+                        root
+                    )));
+                };
+                glob::Pattern::new(&self.pattern).map_err(|e| {
+                    BuildError::Invalid(format!("dataset: pattern {:?}: {e}", self.pattern))
+                })?;
+                Layout::Folders {
+                    root,
+                    pattern: self.pattern,
+                    image,
+                    labels: self.labels,
+                    mask: self.mask,
+                }
+            }
+            (None, Some(manifest)) => {
+                let stray: Vec<&str> = [
+                    ("image", self.image.is_some()),
+                    ("labels", self.labels.is_some()),
+                    ("mask", self.mask.is_some()),
+                    ("pattern", self.pattern != default_pattern()),
+                ]
+                .into_iter()
+                .filter_map(|(key, given)| given.then_some(key))
+                .collect();
+                if !stray.is_empty() {
+                    return Err(BuildError::Invalid(format!(
+                        "dataset: `manifest` names the files itself; remove {}",
+                        stray.join(", ")
+                    )));
+                }
+                Layout::Manifest(manifest)
+            }
+        };
+        Ok(Arc::new(Dataset {
+            layout,
+            listed: Mutex::new(None),
+        }))
+    }
+}
+
+/// The runtime `dataset` source.
+#[derive(Debug)]
+pub struct Dataset {
+    layout: Layout,
+    /// The listing, kept so `process` can hand out a subject's entry by id.
+    listed: Mutex<Option<Arc<Vec<SubjectEntry>>>>,
+}
+
+impl Dataset {
+    /// Lists the subjects, sorted by id.
+    ///
+    /// # Errors
+    /// If the root or manifest cannot be read, nothing matches, or two subjects share an id.
+    pub fn list(&self) -> Result<Vec<SubjectEntry>, StageError> {
+        let mut entries = match &self.layout {
+            Layout::Folders {
+                root,
+                pattern,
+                image,
+                labels,
+                mask,
+            } => list_folders(root, pattern, image, labels.as_deref(), mask.as_deref())?,
+            Layout::Manifest(path) => read_manifest(path)?,
+        };
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(pair) = entries.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(StageError::Input(format!(
+                "dataset: subject id {:?} appears twice ({} and {})",
+                pair[0].id,
+                pair[0].image.display(),
+                pair[1].image.display()
+            )));
+        }
+        tracing::debug!(subjects = entries.len(), "Dataset listed");
+        Ok(entries)
+    }
+
+    fn listing(&self) -> Result<Arc<Vec<SubjectEntry>>, StageError> {
+        // A poisoned lock only means another thread panicked while listing; the cached value
+        // is either complete or absent, so it is safe to go on with it.
+        let mut cached = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entries) = cached.as_ref() {
+            return Ok(entries.clone());
+        }
+        let entries = Arc::new(self.list()?);
+        *cached = Some(entries.clone());
+        Ok(entries)
+    }
+}
+
+impl Stage for Dataset {
+    fn process(&self, ctx: &Context<'_>, _inputs: &Inputs<'_>) -> Result<Value, StageError> {
+        let entries = self.listing()?;
+        entries
+            .iter()
+            .find(|e| e.id == ctx.subject)
+            .map(|e| Value::Entry(Arc::new(e.clone())))
+            .ok_or_else(|| {
+                StageError::Input(format!(
+                    "dataset: subject {:?} is not in the dataset",
+                    ctx.subject
+                ))
+            })
+    }
+
+    fn subjects(&self) -> Option<Result<Vec<SubjectEntry>, StageError>> {
+        Some(self.listing().map(|entries| entries.as_ref().clone()))
+    }
+}
+
+/// One entry per folder under `root` matching `pattern`; ids are the folders' paths relative
+/// to `root` with separators turned into `_` (the folder name for a one-level pattern).
+fn list_folders(
+    root: &Path,
+    pattern: &str,
+    image: &str,
+    labels: Option<&str>,
+    mask: Option<&str>,
+) -> Result<Vec<SubjectEntry>, StageError> {
+    if !root.is_dir() {
+        return Err(StageError::Input(format!(
+            "dataset: root {} is not a folder",
+            root.display()
+        )));
+    }
+    let full = format!(
+        "{}/{}",
+        glob::Pattern::escape(&root.to_string_lossy()),
+        pattern
+    );
+    let paths = glob::glob(&full)
+        .map_err(|e| StageError::Input(format!("dataset: pattern {pattern:?}: {e}")))?;
+    let mut entries = Vec::new();
+    for path in paths {
+        let dir = path.map_err(|e| StageError::Input(format!("dataset: {e}")))?;
+        if !dir.is_dir() {
+            continue;
+        }
+        let id = subject_id(root, &dir);
+        if !dir.join(image).is_file() {
+            tracing::debug!(subject = %id, image, "Subject folder lacks its image; kept");
+        }
+        entries.push(SubjectEntry {
+            id,
+            image: dir.join(image),
+            labels: labels.map(|name| dir.join(name)),
+            mask: mask.map(|name| dir.join(name)),
+        });
+    }
+    if entries.is_empty() {
+        return Err(StageError::Input(format!(
+            "dataset: no subject folder under root {} matches pattern {pattern:?}",
+            root.display()
+        )));
+    }
+    Ok(entries)
+}
+
+fn subject_id(root: &Path, dir: &Path) -> String {
+    let rel = dir.strip_prefix(root).unwrap_or(dir);
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.join("_")
+}
+
+/// Reads a manifest with columns `subject`, `image` and optionally `labels` and `mask`.
+fn read_manifest(path: &Path) -> Result<Vec<SubjectEntry>, StageError> {
+    let fail = |what: String| StageError::Input(format!("manifest {}: {what}", path.display()));
+    let text = fs_err::read_to_string(path).map_err(|e| StageError::Input(e.to_string()))?;
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let header = reader.headers().map_err(|e| fail(e.to_string()))?.clone();
+    let mut column = BTreeMap::new();
+    for (n, name) in header.iter().enumerate() {
+        if !matches!(name, "subject" | "image" | "labels" | "mask") {
+            return Err(fail(format!(
+                "unknown column {name:?}; expected subject, image, labels, mask"
+            )));
+        }
+        column.insert(name.to_string(), n);
+    }
+    let (Some(&id_col), Some(&image_col)) = (column.get("subject"), column.get("image")) else {
+        return Err(fail(
+            "the header needs at least the columns subject and image".into(),
+        ));
+    };
+    let file = |record: &csv::StringRecord, name: &str| -> Option<PathBuf> {
+        let cell = record.get(*column.get(name)?)?;
+        (!cell.is_empty()).then(|| base.join(cell))
+    };
+
+    let mut entries = Vec::new();
+    for (row, record) in reader.records().enumerate() {
+        let line = row + 2;
+        let record = record.map_err(|e| fail(e.to_string()))?;
+        let id = record.get(id_col).unwrap_or("");
+        let image = record.get(image_col).unwrap_or("");
+        if id.is_empty() || image.is_empty() {
+            return Err(fail(format!(
+                "line {line}: subject and image must not be empty"
+            )));
+        }
+        entries.push(SubjectEntry {
+            id: id.to_string(),
+            image: base.join(image),
+            labels: file(&record, "labels"),
+            mask: file(&record, "mask"),
+        });
+    }
+    if entries.is_empty() {
+        return Err(fail("no subject rows".into()));
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(toml_text: &str) -> Arc<dyn Stage> {
+        let config: DatasetConfig = toml::from_str(toml_text).unwrap();
+        config.build().unwrap()
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let config: DatasetConfig = toml::from_str(
+            r#"
+            root = "data/oasis"
+            pattern = "OAS1_*"
+            image = "norm.nii.gz"
+            labels = "seg.nii.gz"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.pattern, "OAS1_*");
+        assert_eq!(
+            config.files(),
+            vec![("root".into(), PathBuf::from("data/oasis"))]
+        );
+        let manifest: DatasetConfig = toml::from_str(r#"manifest = "subjects.csv""#).unwrap();
+        assert!(manifest.build().is_ok());
+    }
+
+    #[test]
+    fn root_and_manifest_together_are_rejected() {
+        let config: DatasetConfig =
+            toml::from_str("root = \"a\"\nimage = \"x\"\nmanifest = \"m.csv\"").unwrap();
+        assert!(config.build().is_err());
+    }
+
+    #[test]
+    fn glob_lists_folders_sorted_and_keeps_one_missing_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, with_image) in [("sub-b", true), ("sub-a", true), ("sub-c", false)] {
+            let sub = dir.path().join(name);
+            std::fs::create_dir(&sub).unwrap();
+            if with_image {
+                std::fs::write(sub.join("t1.nii.gz"), b"").unwrap();
+            }
+        }
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        std::fs::write(dir.path().join("sub-file"), b"").unwrap();
+        let stage = dataset(&format!(
+            "root = {:?}\npattern = \"sub-*\"\nimage = \"t1.nii.gz\"\nlabels = \"aseg.mgz\"",
+            dir.path()
+        ));
+        let entries = stage.subjects().unwrap().unwrap();
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["sub-a", "sub-b", "sub-c"]);
+        assert_eq!(entries[2].image, dir.path().join("sub-c/t1.nii.gz"));
+        assert_eq!(entries[0].labels, Some(dir.path().join("sub-a/aseg.mgz")));
+        assert_eq!(entries[0].mask, None);
+    }
+
+    #[test]
+    fn empty_match_names_root_and_pattern() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = dataset(&format!(
+            "root = {:?}\npattern = \"nobody-*\"\nimage = \"t1.nii\"",
+            dir.path()
+        ));
+        let err = stage.subjects().unwrap().unwrap_err().to_string();
+        assert!(err.contains("nobody-*"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn manifest_paths_are_relative_to_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("subjects.csv");
+        std::fs::write(
+            &manifest,
+            "subject,image,labels\ns2,s2/t1.nii.gz,s2/seg.nii.gz\ns1,/abs/t1.mgz,\n",
+        )
+        .unwrap();
+        let stage = dataset(&format!("manifest = {manifest:?}"));
+        let entries = stage.subjects().unwrap().unwrap();
+        assert_eq!(entries[0].id, "s1");
+        assert_eq!(entries[0].image, PathBuf::from("/abs/t1.mgz"));
+        assert_eq!(entries[0].labels, None);
+        assert_eq!(entries[1].labels, Some(dir.path().join("s2/seg.nii.gz")));
+        let ctx = Context {
+            subject: "s2",
+            output_dir: dir.path(),
+            node: "subjects",
+        };
+        let value = stage.process(&ctx, &Inputs::default()).unwrap();
+        assert!(matches!(value, Value::Entry(e) if e.id == "s2"));
+    }
+
+    #[test]
+    fn manifest_rejects_unknown_columns_and_duplicate_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("m.csv");
+        std::fs::write(&manifest, "subject,image,lables\na,a.nii,b.nii\n").unwrap();
+        let err = dataset(&format!("manifest = {manifest:?}"))
+            .subjects()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lables"), "{err}");
+        std::fs::write(&manifest, "subject,image\na,a.nii\na,b.nii\n").unwrap();
+        let err = dataset(&format!("manifest = {manifest:?}"))
+            .subjects()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("twice"), "{err}");
+    }
+}

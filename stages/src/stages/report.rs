@@ -1,0 +1,349 @@
+//! `report`: the sink that writes the run's results as `report.csv` and `report.json`.
+//!
+//! The CSV has one row per subject and label (for spreadsheets and plotting); the JSON has the
+//! run's summary: subjects done and failed with reasons, mean and standard deviation over
+//! subjects of the per-subject mean Dice, each subject's deformation quality and timings. Both
+//! are written to a temporary name and renamed, so a reader never sees half a report.
+//!
+//! Left out: HTML or figures, and per-label statistics over subjects (derivable from the CSV).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::io::IoError;
+use crate::registry::{BuildError, StageConfig};
+use crate::stage::{Context, Inputs, RunSummary, Stage, StageError, Value};
+
+/// How Dice is computed, stated in `report.json`.
+pub const DICE_RULE: &str = "Dice = 2|A∩B|/(|A|+|B|) per label between the subject's labels \
+    and the atlas labels on the subject's file grid; a label absent from both volumes compared \
+    is skipped (empty in the CSV, left out of the means); subject means average the scored \
+    labels; statistics over subjects use the population standard deviation";
+
+/// Parameters of a `report` node.
+///
+/// ```toml
+/// [nodes.report]
+/// type = "report"
+/// inputs = ["scores"]
+/// lut = "../shared/data/FreeSurferColorLUT.txt"
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// A FreeSurfer colour look-up table (`FreeSurferColorLUT.txt` format) naming labels in
+    /// the CSV's `name` column. Default: names left empty.
+    pub lut: Option<PathBuf>,
+}
+
+impl StageConfig for ReportConfig {
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        self.lut
+            .iter()
+            .map(|p| ("lut".to_string(), p.clone()))
+            .collect()
+    }
+
+    fn build(self) -> Result<Arc<dyn Stage>, BuildError> {
+        let names = match &self.lut {
+            Some(path) => {
+                let text = fs_err::read_to_string(path)
+                    .map_err(|e| BuildError::Invalid(format!("report: lut: {e}")))?;
+                parse_lut(&text)
+            }
+            None => HashMap::new(),
+        };
+        Ok(Arc::new(Report { names }))
+    }
+}
+
+/// The runtime `report` sink.
+#[derive(Clone, Debug)]
+pub struct Report {
+    names: HashMap<u32, String>,
+}
+
+impl Stage for Report {
+    fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+        Ok(inputs
+            .values
+            .first()
+            .map(|(_, v)| (*v).clone())
+            .unwrap_or_else(|| Value::Written(Arc::new(Vec::new()))))
+    }
+
+    fn finish(&self, ctx: &Context<'_>, summary: &RunSummary) -> Result<Vec<PathBuf>, StageError> {
+        let csv_path = ctx.output_dir.join("report.csv");
+        let json_path = ctx.output_dir.join("report.json");
+        write_atomic(&csv_path, self.csv(summary).as_bytes())?;
+        let json = serde_json::to_string_pretty(&summary_json(summary))
+            .map_err(|e| StageError::Data(format!("report: {e}")))?;
+        write_atomic(&json_path, json.as_bytes())?;
+        tracing::info!(file = %json_path.display(), "Report written");
+        Ok(vec![csv_path, json_path])
+    }
+}
+
+impl Report {
+    /// `subject,label,name,dice_before,dice_after`, subjects sorted, skipped Dice empty.
+    fn csv(&self, summary: &RunSummary) -> String {
+        let mut out = String::from("subject,label,name,dice_before,dice_after\n");
+        for outcome in sorted(summary) {
+            let Some(scores) = &outcome.scores else {
+                continue;
+            };
+            for &(label, before, after) in &scores.per_label {
+                let name = self.names.get(&label).map(String::as_str).unwrap_or("");
+                out.push_str(&format!(
+                    "{},{label},{},{},{}\n",
+                    csv_field(&outcome.subject),
+                    csv_field(name),
+                    number(before),
+                    number(after)
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn sorted(summary: &RunSummary) -> Vec<&crate::stage::SubjectOutcome> {
+    let mut subjects: Vec<_> = summary.subjects.iter().collect();
+    subjects.sort_by(|a, b| a.subject.cmp(&b.subject));
+    subjects
+}
+
+/// The run summary as `report.json` holds it.
+fn summary_json(summary: &RunSummary) -> serde_json::Value {
+    let subjects = sorted(summary);
+    let failures: Vec<_> = subjects
+        .iter()
+        .filter_map(|o| {
+            let (node, reason) = o.failure.as_ref()?;
+            Some(json!({"subject": o.subject, "node": node, "reason": reason}))
+        })
+        .collect();
+    let means = |pick: fn(&crate::stage::Scores) -> f64| -> Vec<f64> {
+        subjects
+            .iter()
+            .filter(|o| o.failure.is_none())
+            .filter_map(|o| o.scores.as_ref().map(pick))
+            .filter(|v| !v.is_nan())
+            .collect()
+    };
+    let (before, after) = (means(|s| s.mean_before), means(|s| s.mean_after));
+    let per_subject: Vec<_> = subjects
+        .iter()
+        .map(|o| {
+            let timings: Vec<_> = o
+                .timings
+                .iter()
+                .map(|(node, s)| json!({"node": node, "seconds": s}))
+                .collect();
+            json!({
+                "subject": o.subject,
+                "ok": o.failure.is_none(),
+                "dice_before": o.scores.as_ref().map(|s| s.mean_before),
+                "dice_after": o.scores.as_ref().map(|s| s.mean_after),
+                "labels_scored": o.scores.as_ref().map(|s| s.per_label.len()),
+                "quality": o.scores.as_ref().and_then(|s| s.quality),
+                "timings": timings,
+            })
+        })
+        .collect();
+    json!({
+        "pipeline": summary.pipeline,
+        "subjects": {
+            "total": subjects.len(),
+            "ok": subjects.len() - failures.len(),
+            "failed": failures.len(),
+        },
+        "failures": failures,
+        "dice": {
+            "rule": DICE_RULE,
+            "subjects_scored": after.len(),
+            "mean_before": mean_std(&before).map(|m| m.0),
+            "std_before": mean_std(&before).map(|m| m.1),
+            "mean_after": mean_std(&after).map(|m| m.0),
+            "std_after": mean_std(&after).map(|m| m.1),
+        },
+        "per_subject": per_subject,
+        "total_seconds": summary.elapsed.as_secs_f64(),
+    })
+}
+
+/// Mean and population standard deviation, `None` for no values.
+fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    Some((mean, var.sqrt()))
+}
+
+/// A Dice value for the CSV: empty when skipped (NaN).
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        String::new()
+    } else {
+        format!("{v:.6}")
+    }
+}
+
+/// Quotes a CSV field when it holds a separator, quote or line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// Label names from a FreeSurfer colour table: `id name r g b a` lines, `#` comments.
+fn parse_lut(text: &str) -> HashMap<u32, String> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?;
+            let mut fields = line.split_whitespace();
+            let id = fields.next()?.parse().ok()?;
+            Some((id, fields.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+///
+/// # Errors
+/// If the folder cannot be created or the file written or renamed; the error names the file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    let os = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StageError::Io(IoError::Os { path, source })
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(os(dir))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(os(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        os(path)(source)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::stage::{Scores, SubjectOutcome, TransformQuality};
+
+    #[test]
+    fn example_config_parses() {
+        let config: ReportConfig =
+            toml::from_str("lut = \"../shared/data/FreeSurferColorLUT.txt\"").unwrap();
+        assert_eq!(config.files().len(), 1);
+        assert!(toml::from_str::<ReportConfig>("").unwrap().build().is_ok());
+    }
+
+    #[test]
+    fn lut_lines_give_names() {
+        let names = parse_lut(
+            "#No. Label Name: R G B A\n\n  0  Unknown 0 0 0 0\n17 Left-Hippocampus 220 216 20 0 # x\n",
+        );
+        assert_eq!(names.get(&17).map(String::as_str), Some("Left-Hippocampus"));
+        assert_eq!(names.len(), 2);
+    }
+
+    fn outcome(
+        subject: &str,
+        scores: Option<Scores>,
+        failure: Option<(&str, &str)>,
+    ) -> SubjectOutcome {
+        SubjectOutcome {
+            subject: subject.into(),
+            failure: failure.map(|(n, r)| (n.into(), r.into())),
+            timings: vec![("load".into(), 0.5), ("register".into(), 3.0)],
+            scores,
+        }
+    }
+
+    #[test]
+    fn csv_and_json_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let scores = |b: f64, a: f64| Scores {
+            per_label: vec![(17, b, a), (53, f64::NAN, a)],
+            mean_before: b,
+            mean_after: a,
+            quality: Some(TransformQuality {
+                nonpositive_jacobian_pct: 0.25,
+                log_jacobian_std: 0.1,
+                final_loss: 0.01,
+            }),
+        };
+        let summary = RunSummary {
+            pipeline: "atlas-seg".into(),
+            subjects: vec![
+                outcome("s2", Some(scores(0.5, 0.9)), None),
+                outcome("s1", Some(scores(0.3, 0.7)), None),
+                outcome("s3", None, Some(("loaded", "s3/t1.nii: no such file"))),
+            ],
+            elapsed: Duration::from_millis(12_500),
+        };
+        let mut names = HashMap::new();
+        names.insert(17, "Left-Hippocampus".to_string());
+        let report = Report { names };
+        let ctx = Context {
+            subject: "<constant>",
+            output_dir: &dir.path().join("out"),
+            node: "report",
+        };
+        let files = report.finish(&ctx, &summary).unwrap();
+        assert_eq!(files.len(), 2);
+
+        let mut rows = csv::Reader::from_path(&files[0]).unwrap();
+        let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            &rows[0],
+            vec!["s1", "17", "Left-Hippocampus", "0.300000", "0.700000"]
+        );
+        assert_eq!(&rows[1], vec!["s1", "53", "", "", "0.700000"]);
+        assert_eq!(&rows[3][0], "s2");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        assert_eq!(json["pipeline"], "atlas-seg");
+        assert_eq!(json["subjects"]["total"], 3);
+        assert_eq!(json["subjects"]["failed"], 1);
+        assert_eq!(json["failures"][0]["node"], "loaded");
+        let close = |v: &serde_json::Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-12;
+        assert!(close(&json["dice"]["mean_before"], 0.4));
+        assert!(close(&json["dice"]["std_before"], 0.1));
+        assert!(close(&json["dice"]["mean_after"], 0.8));
+        assert!(close(
+            &json["per_subject"][0]["quality"]["nonpositive_jacobian_pct"],
+            0.25
+        ));
+        assert_eq!(json["per_subject"][0]["timings"][1]["node"], "register");
+        assert!(close(&json["total_seconds"], 12.5));
+        assert!(
+            json["dice"]["rule"]
+                .as_str()
+                .unwrap()
+                .contains("absent from both")
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            2
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! `write`: saves a subject's segmentation, warped atlas and optionally the deformation.
+//!
+//! Files go to `<output_dir>/<subject>/` in the subject's **original** geometry: the voxels
+//! are on the subject's file grid (as `segment` made them) and the affine written is the one
+//! the input file stated (`header.affine`), not the corrected one used for computing. So
+//! `seg.nii.gz` overlays the subject's image in any viewer even when the pipeline declared
+//! the file's true orientation with `conform.assume_orientation`.
+//!
+//! Left out: writing intermediate scans (other inputs are ignored), and the affine part of
+//! the transform in `field.nii.gz`, which holds the displacement alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nalgebra::Matrix3;
+use serde::Deserialize;
+
+use crate::io::{IoError, write_nifti};
+use crate::registry::{BuildError, StageConfig};
+use crate::resample::{Interp, resample};
+use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value};
+use crate::volume::{DataType, Volume};
+
+/// Parameters of a `write` node; inputs are `[segmentation]`.
+///
+/// ```toml
+/// [nodes.written]
+/// type = "write"
+/// inputs = ["segmented"]
+/// field = true
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteConfig {
+    /// Also write `field.nii.gz`: the displacement (3 frames, mm) on the subject's file grid.
+    /// Default `false`.
+    #[serde(default)]
+    pub field: bool,
+}
+
+impl StageConfig for WriteConfig {
+    fn build(self) -> Result<Arc<dyn Stage>, BuildError> {
+        Ok(Arc::new(Write { config: self }))
+    }
+}
+
+/// The runtime `write` stage.
+#[derive(Clone, Debug)]
+pub struct Write {
+    config: WriteConfig,
+}
+
+impl Stage for Write {
+    fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+        let Some(seg) = inputs.find(|v| match v {
+            Value::Segmentation(s) => Some(s),
+            _ => None,
+        }) else {
+            return Err(StageError::Input(
+                "write: needs a segmentation among its inputs".into(),
+            ));
+        };
+        let dir = ctx.output_dir.join(ctx.subject);
+        std::fs::create_dir_all(&dir).map_err(|source| IoError::Os {
+            path: dir.clone(),
+            source,
+        })?;
+
+        let mut written = Vec::new();
+        let labels = in_file_geometry(&seg.labels);
+        let dtype = label_dtype(&labels.data);
+        written.push(save(&dir.join("seg.nii.gz"), &labels, dtype)?);
+        let warped = in_file_geometry(&seg.warped_image);
+        written.push(save(
+            &dir.join("warped_atlas.nii.gz"),
+            &warped,
+            DataType::Float32,
+        )?);
+        if self.config.field {
+            match field_on_file_grid(seg) {
+                Some(field) => {
+                    written.push(save(&dir.join("field.nii.gz"), &field, DataType::Float32)?)
+                }
+                None => tracing::debug!("Transform has no displacement; field.nii.gz not written"),
+            }
+        }
+        Ok(Value::Written(Arc::new(written)))
+    }
+}
+
+fn save(path: &Path, volume: &Volume, dtype: DataType) -> Result<PathBuf, StageError> {
+    let bytes = write_nifti(path, volume, dtype)?;
+    tracing::debug!(file = %path.display(), bytes, dtype = dtype.name(), "Wrote");
+    Ok(path.to_path_buf())
+}
+
+/// The volume with the affine its subject's file stated, so it overlays that file.
+fn in_file_geometry(volume: &Volume) -> Volume {
+    Volume {
+        affine: volume.header.affine,
+        ..volume.clone()
+    }
+}
+
+/// `int16` when every value is an integer that fits, else `int32`.
+fn label_dtype(data: &[f32]) -> DataType {
+    let fits = data
+        .iter()
+        .all(|&v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(&v));
+    if fits {
+        DataType::Int16
+    } else {
+        // Limitation: labels are assumed integral; a fractional value would be truncated by
+        // the int32 writer. `segment` only produces atlas values by nearest neighbour, so this
+        // happens only with a non-integer atlas label map.
+        DataType::Int32
+    }
+}
+
+/// The displacement resampled onto the subject's file grid, its vectors expressed in the
+/// world frame of the file's stated affine.
+fn field_on_file_grid(seg: &Segmentation) -> Option<Volume> {
+    let u = seg.transform.displacement.as_ref()?;
+    let grid = seg.labels.grid();
+    let mut field = resample(u, &grid, Interp::Linear, |p| p);
+    field.header = seg.labels.header.clone();
+    field.affine = seg.labels.header.affine;
+
+    // The computation's world and the file's differ by stated · computed⁻¹ when an orientation
+    // was declared; displacement vectors turn with it.
+    let stated: Matrix3<f64> = seg
+        .labels
+        .header
+        .affine
+        .fixed_view::<3, 3>(0, 0)
+        .into_owned();
+    let computed: Matrix3<f64> = seg.labels.affine.fixed_view::<3, 3>(0, 0).into_owned();
+    let turn = stated * computed.try_inverse().unwrap_or_else(Matrix3::identity);
+    if (turn - Matrix3::identity()).abs().max() > 1e-9 {
+        let n = field.len();
+        for v in 0..n {
+            let d = [field.data[v], field.data[n + v], field.data[2 * n + v]].map(f64::from);
+            for r in 0..3 {
+                let turned = turn[(r, 0)] * d[0] + turn[(r, 1)] * d[1] + turn[(r, 2)] * d[2];
+                field.data[r * n + v] = turned as f32;
+            }
+        }
+    }
+    Some(field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::{Transform, TransformQuality};
+    use crate::volume::{Affine, SourceHeader, affine_from_orientation};
+
+    #[test]
+    fn example_config_parses() {
+        let config: WriteConfig = toml::from_str("field = true").unwrap();
+        assert!(config.field);
+        assert!(!toml::from_str::<WriteConfig>("").unwrap().field);
+        assert!(toml::from_str::<WriteConfig>("fields = true").is_err());
+    }
+
+    #[test]
+    fn labels_choose_the_smallest_integer_type() {
+        assert_eq!(label_dtype(&[0.0, 2035.0, -3.0]), DataType::Int16);
+        assert_eq!(label_dtype(&[0.0, 40000.0]), DataType::Int32);
+        assert_eq!(label_dtype(&[0.5]), DataType::Int32);
+    }
+
+    #[test]
+    fn field_turns_into_the_files_stated_frame() {
+        let shape = [2, 2, 2];
+        let lia = affine_from_orientation("LIA", [1.0; 3], shape, [0.0; 3]).unwrap();
+        let mut labels = Volume::new(vec![0.0; 8], shape, lia);
+        labels.header = Arc::new(SourceHeader::derived(Affine::identity()));
+        // A uniform displacement of +1 mm along world x (towards R) in the computation frame.
+        let mut u = Volume::new(vec![0.0; 8], shape, lia);
+        u.data.extend(vec![0.0; 16]);
+        u.data[..8].fill(1.0);
+        u.frames = 3;
+        let labels = Arc::new(labels);
+        let seg = Segmentation {
+            labels: labels.clone(),
+            initial_labels: labels.clone(),
+            warped_image: labels.clone(),
+            transform: Arc::new(Transform {
+                affine: Affine::identity(),
+                displacement: Some(Arc::new(u)),
+                inverse: None,
+                fixed_grid: labels.grid(),
+                quality: TransformQuality::default(),
+            }),
+        };
+        let field = field_on_file_grid(&seg).unwrap();
+        assert_eq!(field.affine, Affine::identity());
+        // Along the first voxel axis, which the file calls +x and truly points left: -1.
+        assert!(field.frame(0).iter().all(|&v| (v + 1.0).abs() < 1e-6));
+        assert!(
+            field
+                .frame(1)
+                .iter()
+                .chain(field.frame(2))
+                .all(|&v| v.abs() < 1e-6)
+        );
+    }
+}
