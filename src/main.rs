@@ -173,6 +173,11 @@ fn print_outcome(outcome: &voxflow::run::RunOutcome) {
 }
 
 fn inspect(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    let _ = (file, json);
-    anyhow::bail!("inspect is not available yet")
+    let info = voxflow_stages::io::inspect(file)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("{}", info.to_string().trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
 }

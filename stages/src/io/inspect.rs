@@ -106,7 +106,8 @@ impl fmt::Display for Inspection {
         let sizes: Vec<String> = self.voxel_size.iter().map(|v| format!("{v:.4}")).collect();
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  format        {format}{gzip}")?;
-        writeln!(f, "  shape         {} ({} frames)", shape.join(" x "), self.frames)?;
+        let frames = if self.frames == 1 { String::new() } else { format!(" ({} frames)", self.frames) };
+        writeln!(f, "  shape         {}{frames}", shape.join(" x "))?;
         writeln!(f, "  dtype         {}", self.dtype.name())?;
         writeln!(f, "  voxel size    {} mm", sizes.join(" x "))?;
         writeln!(f, "  orientation   {}", self.orientation)?;
