@@ -125,7 +125,7 @@ fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
     );
 
     let json = report(&out);
-    let subject = &json["subjects"][0];
+    let subject = &json["per_subject"][0];
     let before = subject["dice_before"].as_f64().expect("dice_before");
     let after = subject["dice_after"].as_f64().expect("dice_after");
     assert!(
@@ -239,18 +239,16 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
     assert_eq!(run.status.code(), Some(1), "some subjects failed:\n{log}");
 
     let json = report(&out);
-    let subjects = json["subjects"].as_array().expect("subjects list");
+    let subjects = json["per_subject"].as_array().expect("per-subject list");
     assert_eq!(subjects.len(), 6, "{json:#}");
-    let by_id = |id: &str| {
-        subjects
-            .iter()
-            .find(|s| s["subject"] == id)
-            .expect(id)
-            .clone()
-    };
+    assert_eq!(json["subjects"]["failed"], 4, "{json:#}");
+    let by_id = |id: &str| subjects.iter().find(|s| s["subject"] == id).expect(id).clone();
+    let failures = json["failures"].as_array().expect("failures list");
+    let failure = |id: &str| failures.iter().find(|f| f["subject"] == id).cloned();
     for good in ["s1_real", "s2_shifted"] {
         let s = by_id(good);
-        assert!(s["failure"].is_null(), "{good}: {s}");
+        assert_eq!(s["ok"], true, "{good}: {s}");
+        assert!(failure(good).is_none(), "{good}");
         assert!(s["dice_after"].as_f64().unwrap() > 0.65, "{good}: {s}");
         assert!(out.join(good).join("seg.nii.gz").exists(), "{good} written");
     }
@@ -260,10 +258,8 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
         ("s5_not_nifti", "norm.nii.gz"),
         ("s6_missing", "norm.nii.gz"),
     ] {
-        let s = by_id(bad);
-        let reason = s["failure"]["reason"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{bad}: {s}"));
+        let f = failure(bad).unwrap_or_else(|| panic!("{bad} is listed as failed: {json:#}"));
+        let reason = f["reason"].as_str().unwrap_or_default();
         assert!(reason.contains(culprit), "{bad}: {reason}");
         assert!(log.contains(bad), "{bad} is named in the log");
         assert!(

@@ -40,7 +40,11 @@ fn number(v: &Value) -> Option<f64> {
 
 fn usizes(v: &Value) -> Vec<usize> {
     let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
-    items.iter().filter_map(Value::as_u64).map(|n| n as usize).collect()
+    items
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|n| n as usize)
+        .collect()
 }
 
 /// Everything about `volume` that disagrees with the manifest's `expected` block.
@@ -53,7 +57,14 @@ fn mismatches(volume: &Volume, expected: &Value) -> Vec<String> {
     if problems.iter().any(|p| p.starts_with("shape")) {
         return problems;
     }
-    for probe in expected["probes"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    let probes = expected["probes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if probes.is_empty() {
+        problems.push("manifest lists no probes".to_string());
+    }
+    for probe in probes {
         let index = usizes(&probe["index"]);
         let want = number(&probe["value"]).unwrap_or(f64::NAN);
         let [ni, nj, nk] = volume.shape;
@@ -77,12 +88,19 @@ fn shape_mismatch(volume: &Volume, want: &[usize]) -> Option<String> {
 }
 
 fn affine_mismatch(volume: &Volume, want: &Value) -> Option<String> {
-    let rows = want.as_array()?;
+    let want: Vec<Vec<f64>> = serde_json::from_value(want.clone()).unwrap_or_default();
+    if want.len() != 4 || want.iter().any(|row| row.len() != 4) {
+        return Some(format!("manifest affine is not 4x4: {want:?}"));
+    }
     let mut worst = 0.0f64;
-    for (r, row) in rows.iter().enumerate() {
-        for (c, v) in row.as_array()?.iter().enumerate() {
-            let diff = (volume.affine[(r, c)] - v.as_f64()?).abs();
-            worst = if diff.is_nan() { f64::INFINITY } else { worst.max(diff) };
+    for (r, row) in want.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let diff = (volume.affine[(r, c)] - v).abs();
+            worst = if diff.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(diff)
+            };
         }
     }
     (worst > AFFINE_TOL).then(|| format!("affine off by {worst}: got {}", volume.affine))
@@ -99,7 +117,10 @@ fn header_mismatch(volume: &Volume, expected: &Value) -> Vec<String> {
         _ => None,
     };
     if source.is_some_and(|s| s != header.affine_source) {
-        problems.push(format!("affine source {:?}, expected {source:?}", header.affine_source));
+        problems.push(format!(
+            "affine source {:?}, expected {source:?}",
+            header.affine_source
+        ));
     }
     let dtype = expected["dtype_on_disk"].as_str().unwrap_or("");
     if dtype != header.dtype.name() {
@@ -128,7 +149,11 @@ fn stats_mismatch(volume: &Volume, want: &Value) -> Vec<String> {
     }
     let count = |k: &str| want[k].as_u64().unwrap_or(0) as usize;
     if got.n_nan != count("n_nan") {
-        problems.push(format!("{} NaN voxels, expected {}", got.n_nan, count("n_nan")));
+        problems.push(format!(
+            "{} NaN voxels, expected {}",
+            got.n_nan,
+            count("n_nan")
+        ));
     }
     if got.n_inf != count("n_posinf") + count("n_neginf") {
         problems.push(format!("{} infinite voxels", got.n_inf));

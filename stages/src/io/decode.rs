@@ -114,11 +114,16 @@ mod tests {
     #[test]
     fn every_datatype_round_trips_small_integers() {
         use DataType::*;
-        for dtype in [Uint8, Int8, Int16, Uint16, Int32, Uint32, Int64, Float32, Float64] {
+        for dtype in [
+            Uint8, Int8, Int16, Uint16, Int32, Uint32, Int64, Float32, Float64,
+        ] {
             let mut out = Vec::new();
             encode_le(&[0.0, 7.0, 100.0], dtype, &mut out);
             assert_eq!(out.len(), 3 * size_of(dtype), "{dtype:?}");
-            assert_eq!(decode(&out, dtype, false, (1.0, 0.0)), vec![0.0, 7.0, 100.0]);
+            assert_eq!(
+                decode(&out, dtype, false, (1.0, 0.0)),
+                vec![0.0, 7.0, 100.0]
+            );
         }
     }
 }

@@ -101,13 +101,21 @@ impl fmt::Display for Inspection {
             Format::Mgh => "MGH",
             Format::Derived => "derived",
         };
-        let gzip = if self.compressed { ", gzip-compressed" } else { "" };
+        let gzip = if self.compressed {
+            ", gzip-compressed"
+        } else {
+            ""
+        };
         let shape: Vec<String> = self.shape.iter().map(|n| n.to_string()).collect();
         let sizes: Vec<String> = self.voxel_size.iter().map(|v| format!("{v:.4}")).collect();
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  format        {format}{gzip}")?;
-        let frames = if self.frames == 1 { String::new() } else { format!(" ({} frames)", self.frames) };
-        writeln!(f, "  shape         {}{frames}", shape.join(" x "))?;
+        writeln!(
+            f,
+            "  shape         {} ({} frames)",
+            shape.join(" x "),
+            self.frames
+        )?;
         writeln!(f, "  dtype         {}", self.dtype.name())?;
         writeln!(f, "  voxel size    {} mm", sizes.join(" x "))?;
         writeln!(f, "  orientation   {}", self.orientation)?;
@@ -120,7 +128,10 @@ impl fmt::Display for Inspection {
         };
         let codes = match self.format {
             Format::Nifti1 => {
-                format!(", qform_code {}, sform_code {}", self.qform_code, self.sform_code)
+                format!(
+                    ", qform_code {}, sform_code {}",
+                    self.qform_code, self.sform_code
+                )
             }
             _ => String::new(),
         };
@@ -135,7 +146,11 @@ impl fmt::Display for Inspection {
         if (self.scl_slope, self.scl_inter) == (1.0, 0.0) {
             writeln!(f, "  scaling       none")?;
         } else {
-            writeln!(f, "  scaling       slope {}, intercept {}", self.scl_slope, self.scl_inter)?;
+            writeln!(
+                f,
+                "  scaling       slope {}, intercept {}",
+                self.scl_slope, self.scl_inter
+            )?;
         }
         write!(
             f,

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use nalgebra::{Matrix3, Vector3};
 
+use super::IoError;
 use super::decode::{decode, size_of};
 use super::read::Loaded;
 use super::source::Source;
-use super::IoError;
 use crate::volume::{Affine, AffineSource, DataType, Format, SourceHeader, Volume};
 
 /// Bytes of the header that carry fields; the rest up to the data offset is unused.
@@ -62,13 +62,18 @@ pub(crate) fn read(source: &mut Source) -> Result<Loaded, IoError> {
         vox2ras(dims, [1.0; 3], lia, [0.0; 3])
     };
     if !affine.iter().all(|v| v.is_finite()) {
-        return Err(IoError::invalid(&path, "vox2ras geometry has non-finite entries"));
+        return Err(IoError::invalid(
+            &path,
+            "vox2ras geometry has non-finite entries",
+        ));
     }
 
     let nbytes = dims
         .iter()
         .try_fold(size_of(dtype), |n, &d| n.checked_mul(d))
-        .ok_or_else(|| IoError::invalid(&path, format!("dimensions {dims:?} are impossibly large")))?;
+        .ok_or_else(|| {
+            IoError::invalid(&path, format!("dimensions {dims:?} are impossibly large"))
+        })?;
     let bytes = source.read_data(DATA_OFFSET, nbytes as u64)?;
     source.finish()?;
     let data = decode(&bytes, dtype, true, (1.0, 0.0));
@@ -112,7 +117,10 @@ fn field<const N: usize>(head: &[u8], at: usize) -> [u8; N] {
 /// The voxel datatype for an MGH type code.
 fn datatype(path: &Path, code: i32) -> Result<DataType, IoError> {
     let unsupported = |what: &str| {
-        Err(IoError::unsupported(path, format!("MGH type {code} ({what}) is not supported")))
+        Err(IoError::unsupported(
+            path,
+            format!("MGH type {code} ({what}) is not supported"),
+        ))
     };
     Ok(match code {
         0 => DataType::Uint8,
@@ -125,7 +133,12 @@ fn datatype(path: &Path, code: i32) -> Result<DataType, IoError> {
         6 => return unsupported("tensor"),
         7 | 8 => return unsupported("complex"),
         9 => return unsupported("RGB"),
-        _ => return Err(IoError::invalid(path, format!("unknown MGH type code {code}"))),
+        _ => {
+            return Err(IoError::invalid(
+                path,
+                format!("unknown MGH type code {code}"),
+            ));
+        }
     })
 }
 

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use nifti::{NiftiError, NiftiHeader};
 
+use super::IoError;
 use super::decode::{decode, size_of};
 use super::read::Loaded;
 use super::source::Source;
 use super::xform::{Qform, fixed_pixdim, fixed_qfac, pixdim_affine, qform_to_affine};
-use super::IoError;
 use crate::volume::{Affine, AffineSource, DataType, Format, SourceHeader, Volume};
 
 /// Size of the NIfTI-1 header proper; the 4-byte extension flag follows it.
@@ -46,7 +46,10 @@ pub(crate) fn read(source: &mut Source, big_endian: bool) -> Result<Loaded, IoEr
         .iter()
         .try_fold(size_of(layout.dtype), |n, &d| n.checked_mul(d))
         .ok_or_else(|| {
-            IoError::invalid(&path, format!("dimensions {:?} are impossibly large", layout.dims))
+            IoError::invalid(
+                &path,
+                format!("dimensions {:?} are impossibly large", layout.dims),
+            )
         })?;
 
     let bytes = source.read_data(layout.offset, nbytes as u64)?;
@@ -55,7 +58,11 @@ pub(crate) fn read(source: &mut Source, big_endian: bool) -> Result<Loaded, IoEr
     drop(bytes);
 
     let dims = &layout.dims;
-    let shape = [dims[0], dims.get(1).copied().unwrap_or(1), dims.get(2).copied().unwrap_or(1)];
+    let shape = [
+        dims[0],
+        dims.get(1).copied().unwrap_or(1),
+        dims.get(2).copied().unwrap_or(1),
+    ];
     let frames = dims.iter().skip(3).product();
     let source_header = SourceHeader {
         path: path.clone(),
@@ -86,7 +93,10 @@ fn parse_header(path: &Path, head: &[u8], big_endian: bool) -> Result<NiftiHeade
     if head.len() < HEADER_LEN {
         return Err(IoError::invalid(
             path,
-            format!("file ends inside the NIfTI-1 header ({} of 348 bytes)", head.len()),
+            format!(
+                "file ends inside the NIfTI-1 header ({} of 348 bytes)",
+                head.len()
+            ),
         ));
     }
     // The crate guesses the byte order from dim[0]; checking dim[0] in the order sizeof_hdr
@@ -134,7 +144,10 @@ fn layout(path: &Path, header: &NiftiHeader) -> Result<Layout, IoError> {
         if d < 1 {
             return Err(IoError::invalid(
                 path,
-                format!("dim[{}] is {d}, but every axis needs at least one voxel", k + 1),
+                format!(
+                    "dim[{}] is {d}, but every axis needs at least one voxel",
+                    k + 1
+                ),
             ));
         }
         dims.push(d as usize);
@@ -251,7 +264,13 @@ fn affine(path: &Path, h: &NiftiHeader, dims: &[usize]) -> (Affine, AffineSource
         "No qform or sform: orientation unknown, assuming nibabel's centred LAS from pixdim"
     );
     let axis = |k: usize| dims.get(k).copied().unwrap_or(1);
-    let zoom = |k: usize| if k < dims.len() { fixed_pixdim(pixdim(k + 1)) } else { 1.0 };
+    let zoom = |k: usize| {
+        if k < dims.len() {
+            fixed_pixdim(pixdim(k + 1))
+        } else {
+            1.0
+        }
+    };
     let m = pixdim_affine([axis(0), axis(1), axis(2)], [zoom(0), zoom(1), zoom(2)]);
     (m, AffineSource::Pixdim)
 }

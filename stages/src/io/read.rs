@@ -57,10 +57,16 @@ pub(crate) fn read_detailed(path: &Path) -> Result<Loaded, IoError> {
         Kind::Nifti1 { big_endian } => nifti1::read(&mut source, big_endian)?,
         Kind::Mgh => mgh::read(&mut source)?,
         Kind::Nifti2 => {
-            return Err(IoError::unsupported(path, "NIfTI-2 files are not supported"));
+            return Err(IoError::unsupported(
+                path,
+                "NIfTI-2 files are not supported",
+            ));
         }
         Kind::Unknown => {
-            return Err(IoError::invalid(path, unrecognised(source.head(), source.compressed())));
+            return Err(IoError::invalid(
+                path,
+                unrecognised(source.head(), source.compressed()),
+            ));
         }
     };
     let v = &loaded.volume;
@@ -90,7 +96,11 @@ fn kind(head: &[u8]) -> Kind {
 
 /// Says what an unrecognised file looks like, so the user knows what went wrong.
 fn unrecognised(head: &[u8], compressed: bool) -> String {
-    let after = if compressed { " after gzip decompression" } else { "" };
+    let after = if compressed {
+        " after gzip decompression"
+    } else {
+        ""
+    };
     if head.is_empty() {
         return format!("file is empty{after}");
     }

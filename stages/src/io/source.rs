@@ -54,7 +54,9 @@ impl Source {
         let n = read_up_to(&mut file, &mut magic).map_err(os)?;
         file.seek(SeekFrom::Start(0)).map_err(os)?;
         let compressed = n == 2 && magic == GZIP_MAGIC;
-        let named_gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        let named_gz = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
         if compressed != named_gz {
             tracing::debug!(path = %path.display(), compressed, "Content and name disagree on gzip");
         }
@@ -141,7 +143,9 @@ impl Source {
         }
         // Limitation: a gzip file with more than MAX_TRAILER_CHECK bytes after the voxels is
         // not checksummed; only MGH footers live there, and they are a few hundred bytes.
-        let drained = (&mut self.reader).take(MAX_TRAILER_CHECK).read_to_end(&mut Vec::new());
+        let drained = (&mut self.reader)
+            .take(MAX_TRAILER_CHECK)
+            .read_to_end(&mut Vec::new());
         drained.map(|_| ()).map_err(|e| self.stream_error(e))
     }
 

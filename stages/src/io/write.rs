@@ -77,7 +77,9 @@ pub fn write_nifti(path: &Path, volume: &Volume, dtype: DataType) -> Result<u64,
         ));
     }
     let header = header_bytes(path, volume, dtype)?;
-    let compressed = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let compressed = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     let tmp = temp_path(path)?;
     match write_file(&tmp, &header, volume, dtype, compressed) {
         Ok(bytes) => {
@@ -132,7 +134,12 @@ fn write_file(
     Ok(file.metadata()?.len())
 }
 
-fn write_body(w: &mut impl Write, header: &[u8], volume: &Volume, dtype: DataType) -> io::Result<()> {
+fn write_body(
+    w: &mut impl Write,
+    header: &[u8],
+    volume: &Volume,
+    dtype: DataType,
+) -> io::Result<()> {
     w.write_all(header)?;
     let mut buf = Vec::with_capacity(CHUNK * size_of(dtype));
     for chunk in volume.data.chunks(CHUNK) {
@@ -169,10 +176,17 @@ fn xform_code(volume: &Volume) -> i16 {
 }
 
 /// The 348-byte header plus a zero extension flag, little-endian.
-fn header_bytes(path: &Path, volume: &Volume, dtype: DataType) -> Result<[u8; VOX_OFFSET], IoError> {
+fn header_bytes(
+    path: &Path,
+    volume: &Volume,
+    dtype: DataType,
+) -> Result<[u8; VOX_OFFSET], IoError> {
     let affine: &Affine = &volume.affine;
     if !affine.iter().all(|v| v.is_finite()) {
-        return Err(IoError::invalid(path, "volume affine has non-finite entries"));
+        return Err(IoError::invalid(
+            path,
+            "volume affine has non-finite entries",
+        ));
     }
     let axis = |n: usize| {
         i16::try_from(n).map_err(|_| {
@@ -211,7 +225,11 @@ fn header_bytes(path: &Path, volume: &Volume, dtype: DataType) -> Result<[u8; VO
     }
     h.f32(108, VOX_OFFSET as f64);
     h.f32(112, 1.0);
-    h.0[123] = if frames { UNITS_MM | UNITS_SEC } else { UNITS_MM };
+    h.0[123] = if frames {
+        UNITS_MM | UNITS_SEC
+    } else {
+        UNITS_MM
+    };
     h.0[148..155].copy_from_slice(b"voxflow");
 
     let code = xform_code(volume);

@@ -24,7 +24,11 @@ pub(crate) struct Qform {
 
 /// A voxel size as nibabel fixes it: its magnitude, or 1 when zero or not finite.
 pub(crate) fn fixed_pixdim(p: f64) -> f64 {
-    if p.is_finite() && p != 0.0 { p.abs() } else { 1.0 }
+    if p.is_finite() && p != 0.0 {
+        p.abs()
+    } else {
+        1.0
+    }
 }
 
 /// qfac as nibabel fixes it: -1 stays, anything else means 1.
@@ -70,7 +74,11 @@ pub(crate) fn qform_to_affine(q: &Qform) -> Affine {
 /// scales; `None` for sheared or degenerate affines, which a qform cannot express.
 pub(crate) fn affine_to_qform(m: &Affine) -> Option<Qform> {
     let lin: Matrix3<f64> = m.fixed_view::<3, 3>(0, 0).into_owned();
-    let zooms = [lin.column(0).norm(), lin.column(1).norm(), lin.column(2).norm()];
+    let zooms = [
+        lin.column(0).norm(),
+        lin.column(1).norm(),
+        lin.column(2).norm(),
+    ];
     if zooms.iter().any(|z| !z.is_finite() || *z < 1e-12) {
         return None;
     }
@@ -96,19 +104,39 @@ fn quaternion_bcd(r: &Matrix3<f64>) -> [f64; 3] {
     let (a, b, c, d) = if trace > 0.0 {
         let a = 0.5 * (1.0 + trace).sqrt();
         let k = 0.25 / a;
-        (a, k * (r[(2, 1)] - r[(1, 2)]), k * (r[(0, 2)] - r[(2, 0)]), k * (r[(1, 0)] - r[(0, 1)]))
+        (
+            a,
+            k * (r[(2, 1)] - r[(1, 2)]),
+            k * (r[(0, 2)] - r[(2, 0)]),
+            k * (r[(1, 0)] - r[(0, 1)]),
+        )
     } else if r[(0, 0)] >= r[(1, 1)] && r[(0, 0)] >= r[(2, 2)] {
         let b = 0.5 * (1.0 + r[(0, 0)] - r[(1, 1)] - r[(2, 2)]).sqrt();
         let k = 0.25 / b;
-        (k * (r[(2, 1)] - r[(1, 2)]), b, k * (r[(0, 1)] + r[(1, 0)]), k * (r[(0, 2)] + r[(2, 0)]))
+        (
+            k * (r[(2, 1)] - r[(1, 2)]),
+            b,
+            k * (r[(0, 1)] + r[(1, 0)]),
+            k * (r[(0, 2)] + r[(2, 0)]),
+        )
     } else if r[(1, 1)] >= r[(2, 2)] {
         let c = 0.5 * (1.0 - r[(0, 0)] + r[(1, 1)] - r[(2, 2)]).sqrt();
         let k = 0.25 / c;
-        (k * (r[(0, 2)] - r[(2, 0)]), k * (r[(0, 1)] + r[(1, 0)]), c, k * (r[(1, 2)] + r[(2, 1)]))
+        (
+            k * (r[(0, 2)] - r[(2, 0)]),
+            k * (r[(0, 1)] + r[(1, 0)]),
+            c,
+            k * (r[(1, 2)] + r[(2, 1)]),
+        )
     } else {
         let d = 0.5 * (1.0 - r[(0, 0)] - r[(1, 1)] + r[(2, 2)]).sqrt();
         let k = 0.25 / d;
-        (k * (r[(1, 0)] - r[(0, 1)]), k * (r[(0, 2)] + r[(2, 0)]), k * (r[(1, 2)] + r[(2, 1)]), d)
+        (
+            k * (r[(1, 0)] - r[(0, 1)]),
+            k * (r[(0, 2)] + r[(2, 0)]),
+            k * (r[(1, 2)] + r[(2, 1)]),
+            d,
+        )
     };
     if a < 0.0 { [-b, -c, -d] } else { [b, c, d] }
 }
@@ -136,7 +164,12 @@ mod tests {
 
     #[test]
     fn identity_quaternion_gives_scaled_identity() {
-        let q = Qform { bcd: [0.0; 3], qfac: 1.0, pixdim: [2.0, 3.0, 4.0], offset: [1.0, 2.0, 3.0] };
+        let q = Qform {
+            bcd: [0.0; 3],
+            qfac: 1.0,
+            pixdim: [2.0, 3.0, 4.0],
+            offset: [1.0, 2.0, 3.0],
+        };
         let m = qform_to_affine(&q);
         assert_eq!(m[(0, 0)], 2.0);
         assert_eq!(m[(2, 2)], 4.0);
@@ -145,13 +178,23 @@ mod tests {
 
     #[test]
     fn negative_qfac_reverses_third_axis() {
-        let q = Qform { bcd: [0.0; 3], qfac: -1.0, pixdim: [1.5, 1.5, 2.5], offset: [0.0; 3] };
+        let q = Qform {
+            bcd: [0.0; 3],
+            qfac: -1.0,
+            pixdim: [1.5, 1.5, 2.5],
+            offset: [0.0; 3],
+        };
         assert_eq!(qform_to_affine(&q)[(2, 2)], -2.5);
     }
 
     #[test]
     fn rotations_round_trip_through_qform() {
-        let angles = [(0.0, 0.0, 0.0), (0.3, -0.2, 1.0), (3.1, 0.1, -2.9), (1.57, 1.57, 0.0)];
+        let angles = [
+            (0.0, 0.0, 0.0),
+            (0.3, -0.2, 1.0),
+            (3.1, 0.1, -2.9),
+            (1.57, 1.57, 0.0),
+        ];
         for (roll, pitch, yaw) in angles {
             for flip in [1.0, -1.0] {
                 let rot = Rotation3::from_euler_angles(roll, pitch, yaw).into_inner();
@@ -161,7 +204,10 @@ mod tests {
                 m[(0, 3)] = -10.0;
                 m[(2, 3)] = 7.5;
                 let q = affine_to_qform(&m).expect("a rotation times scales");
-                assert!(close(&qform_to_affine(&q), &m, 1e-9), "{roll} {pitch} {yaw} {flip}");
+                assert!(
+                    close(&qform_to_affine(&q), &m, 1e-9),
+                    "{roll} {pitch} {yaw} {flip}"
+                );
             }
         }
     }
@@ -176,6 +222,9 @@ mod tests {
     #[test]
     fn fallback_matches_nibabel() {
         let m = pixdim_affine([12, 14, 10], [2.0, 3.0, 4.0]);
-        assert_eq!((m[(0, 0)], m[(0, 3)], m[(1, 3)], m[(2, 3)]), (-2.0, 11.0, -19.5, -18.0));
+        assert_eq!(
+            (m[(0, 0)], m[(0, 3)], m[(1, 3)], m[(2, 3)]),
+            (-2.0, 11.0, -19.5, -18.0)
+        );
     }
 }
