@@ -110,12 +110,11 @@ impl fmt::Display for Inspection {
         let sizes: Vec<String> = self.voxel_size.iter().map(|v| format!("{v:.4}")).collect();
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  format        {format}{gzip}")?;
-        writeln!(
-            f,
-            "  shape         {} ({} frames)",
-            shape.join(" x "),
-            self.frames
-        )?;
+        let frames = match self.frames {
+            1 => String::new(),
+            n => format!(" ({n} frames)"),
+        };
+        writeln!(f, "  shape         {}{frames}", shape.join(" x "))?;
         writeln!(f, "  dtype         {}", self.dtype.name())?;
         writeln!(f, "  voxel size    {} mm", sizes.join(" x "))?;
         writeln!(f, "  orientation   {}", self.orientation)?;
