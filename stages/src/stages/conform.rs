@@ -149,6 +149,8 @@ impl Stage for Conform {
             spacing = ?target.voxel_size(),
             "Conforming"
         );
+        // Limitation: no anti-aliasing; downsampling (e.g. 1 mm to 2 mm) samples one point per
+        // output voxel, which aliases fine structure. Registration at 2 mm tolerates it.
         let onto = |v: &Arc<Volume>, interp| Arc::new(resample(v, &target, interp, |p| p));
         Ok(Value::Scan(Arc::new(Scan {
             image: onto(&source.image, Interp::Linear),
@@ -172,9 +174,7 @@ impl Conform {
             let axis = src_rows.iter().position(|&r| r == row).unwrap_or(row);
             src_size[axis]
         };
-        let spacing = self
-            .spacing
-            .unwrap_or_else(|| tgt_rows.map(|row| size_along(row)));
+        let spacing = self.spacing.unwrap_or_else(|| tgt_rows.map(size_along));
 
         let (lo, hi) = world_bounds(src);
         let shape = self.shape.unwrap_or_else(|| {

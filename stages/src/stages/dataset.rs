@@ -256,6 +256,8 @@ fn list_folders(
     Ok(entries)
 }
 
+// Limitation: ids built from nested folders (`a/b` → `a_b`) can collide with a folder that
+// already has that name; the duplicate check reports it rather than merging subjects.
 fn subject_id(root: &Path, dir: &Path) -> String {
     let rel = dir.strip_prefix(root).unwrap_or(dir);
     let parts: Vec<String> = rel

@@ -170,6 +170,8 @@ pub fn load_scan(
                 s.n_inf
             )));
         }
+        // Limitation: a companion on the same shape but another affine is assumed to be on
+        // the image's grid (a header difference, as in some releases) and only warned about.
         if !affines_agree(&volume, &image) {
             tracing::warn!(
                 file = %path.display(),

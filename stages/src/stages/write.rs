@@ -52,6 +52,8 @@ pub struct Write {
 
 impl Stage for Write {
     fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+        // Limitation: inputs other than the first segmentation are ignored, so intermediate
+        // scans cannot be saved yet; they only order this node after others.
         let Some(seg) = inputs.find(|v| match v {
             Value::Segmentation(s) => Some(s),
             _ => None,
