@@ -277,6 +277,14 @@ fn mgh_without_good_ras_flag_gets_freesurfer_default_geometry() {
 }
 
 #[test]
+fn tiny_mgh_whose_data_fits_in_the_first_bytes_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.mgh");
+    std::fs::write(&path, mgh_bytes([1, 1, 1, 1], 0, 1, &[200])).unwrap();
+    assert_eq!(read_volume(&path).unwrap().data, vec![200.0]);
+}
+
+#[test]
 fn mgh_with_short_data_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("short.mgh");

@@ -57,6 +57,8 @@ pub(crate) fn read(source: &mut Source) -> Result<Loaded, IoError> {
         let c_ras = [0, 1, 2].map(|k| float(78 + 4 * k));
         vox2ras(dims, delta, mdc, c_ras)
     } else {
+        // Limitation: nibabel keeps the stored geometry when the flag is exactly 0; this
+        // follows FreeSurfer, which wrote the format, so the two can disagree on such files.
         tracing::warn!(path = %path.display(), good_ras, "MGH goodRASflag not set, assuming 1 mm LIA");
         let lia = [[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]];
         vox2ras(dims, [1.0; 3], lia, [0.0; 3])

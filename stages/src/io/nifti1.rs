@@ -63,6 +63,9 @@ pub(crate) fn read(source: &mut Source, big_endian: bool) -> Result<Loaded, IoEr
         dims.get(1).copied().unwrap_or(1),
         dims.get(2).copied().unwrap_or(1),
     ];
+    // Limitation: every axis past the third is folded into `frames`, so a 5D vector image
+    // [ni, nj, nk, 1, 3] and a 4D series of 3 volumes read alike; stages only need the count,
+    // and `inspect` still reports the file's own shape.
     let frames = dims.iter().skip(3).product();
     let source_header = SourceHeader {
         path: path.clone(),

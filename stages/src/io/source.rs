@@ -118,7 +118,8 @@ impl Source {
         if offset > self.pos {
             self.skip(offset - self.pos)?;
         }
-        let remaining = end - self.pos.max(offset);
+        // Zero when the head already held all the data (a tiny volume).
+        let remaining = end.saturating_sub(self.pos.max(offset));
         let before = data.len();
         let got = (&mut self.reader).take(remaining).read_to_end(&mut data);
         self.pos += (data.len() - before) as u64;
