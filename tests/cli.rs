@@ -242,7 +242,13 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
     let subjects = json["per_subject"].as_array().expect("per-subject list");
     assert_eq!(subjects.len(), 6, "{json:#}");
     assert_eq!(json["subjects"]["failed"], 4, "{json:#}");
-    let by_id = |id: &str| subjects.iter().find(|s| s["subject"] == id).expect(id).clone();
+    let by_id = |id: &str| {
+        subjects
+            .iter()
+            .find(|s| s["subject"] == id)
+            .expect(id)
+            .clone()
+    };
     let failures = json["failures"].as_array().expect("failures list");
     let failure = |id: &str| failures.iter().find(|f| f["subject"] == id).cloned();
     for good in ["s1_real", "s2_shifted"] {

@@ -85,6 +85,9 @@ struct SettingsWire {
     description: Option<String>,
 }
 
+/// A `[nodes.NAME]` table as written, keys kept with their spans.
+type WireNode = Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>;
+
 /// The pipeline file as written, keys kept with their spans.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,7 +96,7 @@ struct FileWire {
     #[serde(default)]
     vars: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
-    nodes: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    nodes: BTreeMap<Spanned<String>, WireNode>,
 }
 
 /// Run-wide settings from `[pipeline]`.
@@ -327,8 +330,6 @@ fn settings(
         description: parsed.description,
     }
 }
-
-type WireNode = Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>;
 
 fn node_spec(
     name: &Spanned<String>,
