@@ -1,0 +1,372 @@
+//! Registration on synthetic volumes with a known answer, on a tiny TorchScript model, and on
+//! the real atlas–subject pair at a coarse resolution.
+//!
+//! The synthetic phantom is a set of ellipsoids of different intensities, asymmetric enough
+//! that every axis rotation of it is distinguishable. The real-data test reads the scans with
+//! `io::read_volume`; while the readers are unfinished it falls back to the raw copies in
+//! `VOXFLOW_DEV_DATA` (see `benches/register.rs`), or skips with a message.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use voxflow_stages::register::{RegisterConfig, register, warp_labels_linear};
+use voxflow_stages::resample::{Interp, map_point, resample, warp};
+use voxflow_stages::stage::Scan;
+use voxflow_stages::volume::{Affine, Grid, Volume, affine_from_orientation, apply};
+
+const SPACING: f64 = 2.0;
+const N: usize = 44;
+
+/// Intensity of the phantom at world point `p` (mm, centred on 0).
+fn phantom(p: [f64; 3]) -> f32 {
+    let blobs: [([f64; 3], [f64; 3], f32); 4] = [
+        ([0.0, 0.0, 0.0], [30.0, 22.0, 16.0], 0.5),
+        ([10.0, 5.0, 3.0], [8.0, 6.0, 5.0], 1.0),
+        ([-12.0, -4.0, -2.0], [5.0, 9.0, 4.0], 0.8),
+        ([2.0, -12.0, 7.0], [6.0, 4.0, 6.0], 0.25),
+    ];
+    let mut v = 0.0;
+    for (c, r, val) in blobs {
+        let d: f64 = (0..3).map(|a| ((p[a] - c[a]) / r[a]).powi(2)).sum();
+        if d < 1.0 {
+            v = val * (1.0 - 0.3 * d as f32);
+        }
+    }
+    v
+}
+
+fn grid() -> Grid {
+    Grid {
+        shape: [N; 3],
+        affine: affine_from_orientation("RAS", [SPACING; 3], [N; 3], [0.0; 3]).unwrap(),
+    }
+}
+
+/// The phantom seen through `map` (fixed world → phantom world), on `grid`.
+fn image(grid: &Grid, map: impl Fn([f64; 3]) -> [f64; 3]) -> Volume {
+    let mut data = Vec::with_capacity(grid.len());
+    for k in 0..grid.shape[2] {
+        for j in 0..grid.shape[1] {
+            for i in 0..grid.shape[0] {
+                data.push(phantom(map(apply(
+                    &grid.affine,
+                    [i as f64, j as f64, k as f64],
+                ))));
+            }
+        }
+    }
+    Volume::new(data, grid.shape, grid.affine)
+}
+
+fn affine_only() -> RegisterConfig {
+    let mut c = RegisterConfig {
+        resolution_mm: SPACING,
+        device: voxflow_stages::register::DeviceChoice::Cpu,
+        ..RegisterConfig::default()
+    };
+    c.deformable.enabled = false;
+    c.affine.levels = vec![2, 1];
+    c
+}
+
+/// Largest distance between `map_point(t, p)` and `want(p)` over points inside the phantom.
+fn max_error(t: &voxflow_stages::stage::Transform, want: impl Fn([f64; 3]) -> [f64; 3]) -> f64 {
+    let mut worst: f64 = 0.0;
+    for x in (-24..=24).step_by(6) {
+        for y in (-16..=16).step_by(6) {
+            for z in (-10..=10).step_by(5) {
+                let p = [x as f64, y as f64, z as f64];
+                let (a, b) = (map_point(t, p), want(p));
+                let d = (0..3).map(|i| (a[i] - b[i]).powi(2)).sum::<f64>().sqrt();
+                worst = worst.max(d);
+            }
+        }
+    }
+    worst
+}
+
+fn rotation_case(rot: [[f64; 3]; 3], shift: [f64; 3]) {
+    // Moving world q = rot·p + shift shows what fixed world p shows: moving(q) = phantom(p).
+    let fwd = move |p: [f64; 3]| -> [f64; 3] {
+        [0, 1, 2].map(|r| (0..3).map(|c| rot[r][c] * p[c]).sum::<f64>() + shift[r])
+    };
+    let inv = move |q: [f64; 3]| -> [f64; 3] {
+        let d = [q[0] - shift[0], q[1] - shift[1], q[2] - shift[2]];
+        [0, 1, 2].map(|c| (0..3).map(|r| rot[r][c] * d[r]).sum::<f64>())
+    };
+    let g = grid();
+    let fixed = image(&g, |p| p);
+    let moving = image(&g, inv);
+    let t = register(
+        &Scan::from_image(moving),
+        &Scan::from_image(fixed),
+        &affine_only(),
+    )
+    .unwrap();
+    let err = max_error(&t, fwd);
+    assert!(err < 2.5, "max error {err} mm");
+}
+
+#[test]
+fn recovers_a_translation() {
+    rotation_case(
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        [7.0, -5.0, 4.0],
+    );
+}
+
+#[test]
+fn recovers_a_quarter_turn_and_shift() {
+    rotation_case(
+        [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
+        [4.0, 2.0, -3.0],
+    );
+}
+
+#[test]
+fn recovers_a_half_turn() {
+    rotation_case(
+        [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]],
+        [0.0, 3.0, 0.0],
+    );
+}
+
+/// A smooth bump displacement (mm) of the fixed world.
+fn bump(p: [f64; 3]) -> [f64; 3] {
+    let g = (-(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]) / (2.0 * 12.0f64.powi(2))).exp();
+    [3.5 * g, -2.5 * g, 0.0]
+}
+
+#[test]
+fn recovers_a_smooth_deformation_and_its_inverse() {
+    let g = grid();
+    let fixed = image(&g, |p| p);
+    // moving(p + bump(p)) = phantom(p): sample the phantom at the inverse of id + bump.
+    let moving = image(&g, |q| {
+        let mut p = q;
+        for _ in 0..50 {
+            let b = bump(p);
+            p = [q[0] - b[0], q[1] - b[1], q[2] - b[2]];
+        }
+        p
+    });
+    let mut config = affine_only();
+    config.deformable.enabled = true;
+    config.deformable.levels = vec![2, 1];
+    config.deformable.iterations = vec![100, 100];
+    config.deformable.window = 5;
+    let t = register(
+        &Scan::from_image(moving.clone()),
+        &Scan::from_image(fixed.clone()),
+        &config,
+    )
+    .unwrap();
+    let want = |p: [f64; 3]| {
+        let b = bump(p);
+        [p[0] + b[0], p[1] + b[1], p[2] + b[2]]
+    };
+    let err = max_error(&t, want);
+    assert!(err < 2.0, "max error {err} mm");
+    assert!(t.quality.nonpositive_jacobian_pct < 0.01);
+
+    let warped = warp(&moving, &t, &g, Interp::Linear);
+    let sad = |a: &Volume| {
+        a.data
+            .iter()
+            .zip(&fixed.data)
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+    };
+    assert!(
+        sad(&warped) < 0.5 * sad(&moving),
+        "{} vs {}",
+        sad(&warped),
+        sad(&moving)
+    );
+
+    let inv = t.inverse.clone().expect("inverse requested by default");
+    let mut worst: f64 = 0.0;
+    for x in (-16..=16).step_by(8) {
+        for y in (-16..=16).step_by(8) {
+            let p = [x as f64, y as f64, 2.0];
+            let back = map_point(&inv, map_point(&t, p));
+            worst = worst.max((0..3).map(|a| (back[a] - p[a]).powi(2)).sum::<f64>().sqrt());
+        }
+    }
+    assert!(worst < 0.5, "inverse ∘ forward is off by {worst} mm");
+}
+
+#[test]
+fn one_hot_linear_labels_agree_with_nearest_on_a_shift() {
+    let g = grid();
+    let labels = image(&g, |p| p).with_data(
+        image(&g, |p| p)
+            .data
+            .iter()
+            .map(|&v| (v * 4.0).round())
+            .collect(),
+    );
+    let mut t = affine_only();
+    t.inverse = false;
+    let shift = voxflow_stages::stage::Transform {
+        affine: {
+            let mut a = Affine::identity();
+            a[(0, 3)] = 2.0 * SPACING;
+            a
+        },
+        displacement: None,
+        inverse: None,
+        fixed_grid: g,
+        quality: Default::default(),
+    };
+    let linear = warp_labels_linear(&labels, &shift, &g, 2);
+    let nearest = resample(&labels, &g, Interp::Nearest, |p| map_point(&shift, p));
+    assert_eq!(linear.data, nearest.data);
+}
+
+/// Builds a TorchScript module returning a constant shift of 2 voxels along D (channel 0).
+fn shift_model(dir: &Path) -> Option<std::path::PathBuf> {
+    let python = std::env::var("VIRTUAL_ENV")
+        .map(|v| Path::new(&v).join("bin/python"))
+        .ok()?;
+    let path = dir.join("shift.pt");
+    let script = format!(
+        "import torch\n\
+         class Shift(torch.nn.Module):\n\
+         \x20   def forward(self, moving, fixed):\n\
+         \x20       out = torch.zeros(1, 3, fixed.shape[2], fixed.shape[3], fixed.shape[4])\n\
+         \x20       out[:, 0] = 2.0\n\
+         \x20       return out\n\
+         torch.jit.script(Shift()).save({:?})\n",
+        path.to_str()?
+    );
+    let ok = std::process::Command::new(python)
+        .args(["-c", &script])
+        .status()
+        .ok()?
+        .success();
+    ok.then_some(path)
+}
+
+#[test]
+fn torchscript_model_displacement_is_applied_in_voxels_along_d() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = shift_model(dir.path()) else {
+        eprintln!("skipped: no PyTorch (source scripts/env.sh) to build the model");
+        return;
+    };
+    let g = grid();
+    let fixed = image(&g, |p| p);
+    let mut config = affine_only();
+    config.model = Some(model);
+    let t = register(
+        &Scan::from_image(fixed.clone()),
+        &Scan::from_image(fixed.clone()),
+        &config,
+    )
+    .unwrap();
+    // D is the k axis; on this RAS grid k points along +z with 2 mm voxels: u = (0, 0, 4) mm.
+    let u = t.displacement.clone().unwrap();
+    for (frame, want) in [(0, 0.0), (1, 0.0), (2, 2.0 * SPACING as f32)] {
+        assert!(
+            u.frame(frame).iter().all(|v| (v - want).abs() < 1e-4),
+            "frame {frame}"
+        );
+    }
+    // The warped image at p is the moving image at A(p + 4 mm ẑ), the affine being ≈ identity.
+    let warped = warp(&fixed, &t, &g, Interp::Linear);
+    let expected = image(&g, |p| [p[0], p[1], p[2] + 2.0 * SPACING]);
+    let diff: f32 = warped
+        .data
+        .iter()
+        .zip(&expected.data)
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    let base: f32 = fixed
+        .data
+        .iter()
+        .zip(&expected.data)
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    assert!(diff < 0.3 * base, "{diff} vs {base}");
+}
+
+fn read(rel: &str, dev: &str) -> Option<Volume> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data")
+        .join(rel);
+    let path = if path.exists() {
+        path
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data")
+            .join(rel)
+    };
+    if let Ok(v) = voxflow_stages::io::read_volume(&path) {
+        return Some(v);
+    }
+    let stem = Path::new(&std::env::var("VOXFLOW_DEV_DATA").ok()?).join(dev);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).ok()?).ok()?;
+    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).ok()?;
+    let aff: Vec<f64> = serde_json::from_value(meta["affine"].clone()).ok()?;
+    let bytes = std::fs::read(stem.with_extension("f32")).ok()?;
+    let data = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Some(Volume::new(
+        data,
+        [shape[0], shape[1], shape[2]],
+        Affine::from_row_slice(&aff),
+    ))
+}
+
+#[test]
+fn real_pair_at_4mm_beats_the_dice_floor() {
+    let (Some(atlas), Some(atlas_labels), Some(mut subject), Some(mut truth)) = (
+        read("fsaverage/brain.mgz", "fs_brain"),
+        read("fsaverage/aseg.mgz", "fs_aseg"),
+        read("oasis_like_subject/norm.nii.gz", "oasis_norm"),
+        read("oasis_like_subject/seg.nii.gz", "oasis_seg"),
+    ) else {
+        eprintln!(
+            "skipped: io::read_volume cannot read the data yet and VOXFLOW_DEV_DATA is unset"
+        );
+        return;
+    };
+    let lia = affine_from_orientation("LIA", [1.0; 3], subject.shape, [0.0; 3]).unwrap();
+    subject.affine = lia;
+    truth.affine = lia;
+    let config = RegisterConfig {
+        resolution_mm: 4.0,
+        device: voxflow_stages::register::DeviceChoice::Cpu,
+        inverse: false,
+        ..RegisterConfig::default()
+    };
+    let t = register(
+        &Scan::from_image(atlas),
+        &Scan::from_image(subject),
+        &config,
+    )
+    .unwrap();
+    let warped = warp(&atlas_labels, &t, &truth.grid(), Interp::Nearest);
+    let labels = [
+        2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47, 49, 50,
+        51, 52, 53, 54, 60, 63,
+    ];
+    let mut total = 0.0;
+    for l in labels {
+        let (mut a, mut b, mut both) = (0usize, 0usize, 0usize);
+        for (&x, &y) in truth.data.iter().zip(&warped.data) {
+            let (x, y) = (x.round() as u32 == l, y.round() as u32 == l);
+            a += x as usize;
+            b += y as usize;
+            both += (x && y) as usize;
+        }
+        total += 2.0 * both as f64 / (a + b).max(1) as f64;
+    }
+    let dice = total / labels.len() as f64;
+    let _ = Arc::new(dice);
+    assert!(dice > 0.60, "mean Dice {dice}");
+}
