@@ -91,11 +91,7 @@ pub fn build(kind: &str, params: toml::Table) -> Result<BuiltStage, BuildError> 
         "conform" => build_as::<stages::ConformConfig>(params),
         "normalize" => build_as::<stages::NormalizeConfig>(params),
         "skull_strip" => build_as::<stages::SkullStripConfig>(params),
-        // REGISTER: the registration work provides `crate::register::RegisterConfig`; at the
-        // merge this arm becomes `build_as::<crate::register::RegisterConfig>(params)`.
-        "register" => Err(BuildError::Invalid(
-            "register stage not available in this build".into(),
-        )),
+        "register" => build_as::<crate::register::RegisterConfig>(params),
         "segment" => build_as::<stages::SegmentConfig>(params),
         "dice" => build_as::<stages::DiceConfig>(params),
         "write" => build_as::<stages::WriteConfig>(params),
@@ -135,13 +131,13 @@ mod tests {
     }
 
     #[test]
-    fn register_is_a_marked_placeholder() {
-        let err = build("register", toml::Table::new())
-            .err()
-            .map(|e| e.to_string());
-        assert_eq!(
-            err.as_deref(),
-            Some("register stage not available in this build")
+    fn register_builds_with_defaults_and_rejects_typos() {
+        assert!(build("register", toml::Table::new()).is_ok());
+        let params: toml::Table = toml::from_str("resolution_m = 2.0").unwrap();
+        let err = build("register", params).err().map(|e| e.to_string());
+        assert!(
+            err.is_some_and(|e| e.contains("resolution_m")),
+            "unknown key not named"
         );
     }
 }
