@@ -154,13 +154,23 @@ fn oneshot_pipeline_segments_the_real_subject_and_writes_readable_results() {
 
     // The written segmentation reproduces the reported Dice against the real labels.
     let seg = read_volume(&out.join("oasis_like_subject/seg.nii.gz")).unwrap();
-    let dice_left_wm = dice(&seg.data, &truth.data, 2.0);
-    assert!(
-        dice_left_wm > 0.7,
-        "left cerebral white matter Dice {dice_left_wm}"
-    );
-
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    let reported = |label: &str| -> f64 {
+        let row = csv
+            .lines()
+            .find(|l| l.split(',').nth(1) == Some(label))
+            .expect(label);
+        row.split(',').nth(4).unwrap().parse().unwrap()
+    };
+    for label in [2.0, 17.0, 41.0] {
+        let measured = dice(&seg.data, &truth.data, label);
+        let reported = reported(&label.to_string());
+        assert!(
+            (measured - reported).abs() < 1e-5,
+            "label {label}: {measured} vs {reported}"
+        );
+        assert!(measured > 0.5, "label {label}: Dice {measured}");
+    }
     assert_eq!(
         csv.lines().count(),
         31,
