@@ -155,6 +155,12 @@ fn run_case(moving: &str, fixed: &str, res: f64) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(pos) = args.iter().position(|a| a == "--case") {
         let res: f64 = args[pos + 3].parse().unwrap();
         run_case(&args[pos + 1], &args[pos + 2], res);
@@ -177,6 +183,7 @@ fn main() {
             let t = Instant::now();
             let out = Command::new(&exe)
                 .args(["--case", moving, fixed, &res.to_string()])
+                .stderr(std::process::Stdio::inherit())
                 .output()
                 .unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
@@ -186,7 +193,7 @@ fn main() {
                     line,
                     t.elapsed().as_secs_f64()
                 ),
-                None => println!("{name}: failed\n{}", String::from_utf8_lossy(&out.stderr)),
+                None => println!("{name}: failed ({})", out.status),
             }
         }
     }

@@ -128,6 +128,9 @@ fn axis_rotations(reflections: bool) -> Vec<Matrix3<f64>> {
     out
 }
 
+/// The derivative of the loss w.r.t. (`lin`, `t`).
+type Gradient = (Matrix3<f64>, Vector3<f64>);
+
 /// The loss and, if asked, its gradient w.r.t. (`lin`, `t`) at one level.
 fn loss_and_grad(
     level: &Level,
@@ -136,7 +139,7 @@ fn loss_and_grad(
     loss: Loss,
     window: i64,
     with_grad: bool,
-) -> Result<(f64, Option<(Matrix3<f64>, Vector3<f64>)>), StageError> {
+) -> Result<(f64, Option<Gradient>), StageError> {
     let a = params.affine();
     let coords = apply_affine(world, &(world_to_normalised(&level.moving_grid) * a))?;
     let warped = sample(&level.moving, &coords, false)?;
@@ -227,7 +230,7 @@ fn optimise(
         }
         for r in 0..3 {
             for c in 0..3 {
-                params.lin[(r, c)] -= step[c * 3 + r];
+                params.lin[(r, c)] -= step[r * 3 + c];
             }
             params.t[r] -= step[9 + r];
         }
@@ -248,15 +251,17 @@ fn optimise(
     Ok(value)
 }
 
-/// Whether the loss improved by less than `tolerance` (relative) over the last 10 steps.
+/// Whether the best loss of the last 10 steps improved on the best before them by less than
+/// `tolerance` (relative); never before 20 steps, so Adam's first oscillations do not count.
 pub(crate) fn converged(history: &[f64], tolerance: f64) -> bool {
     const WINDOW: usize = 10;
-    if history.len() <= WINDOW || tolerance <= 0.0 {
+    if history.len() < 2 * WINDOW || tolerance <= 0.0 {
         return false;
     }
-    let now = history[history.len() - 1];
-    let before = history[history.len() - 1 - WINDOW];
-    before - now < tolerance * before.abs().max(1e-12)
+    let split = history.len() - WINDOW;
+    let best = |h: &[f64]| h.iter().copied().fold(f64::INFINITY, f64::min);
+    let (before, recent) = (best(&history[..split]), best(&history[split..]));
+    before - recent < tolerance * before.abs().max(1e-12)
 }
 
 /// Finds the affine (fixed world → moving world) aligning the levels, given coarse to fine

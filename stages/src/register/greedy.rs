@@ -100,6 +100,7 @@ fn run_level(
     config: &DeformableConfig,
     iterations: usize,
 ) -> Result<f64, StageError> {
+    let started = std::time::Instant::now();
     let device = level.fixed.device();
     let idx = index_points(&level.grid, device)?;
     let to_moving = world_to_normalised(&level.moving_grid) * affine * level.grid.affine;
@@ -149,6 +150,7 @@ fn run_level(
         factor = level.factor,
         loss = last,
         iterations = history.len(),
+        seconds = started.elapsed().as_secs_f64(),
         "Deformable level done"
     );
     Ok(last)

@@ -169,26 +169,36 @@ fn gaussian_kernel(sigma: f64) -> Vec<f32> {
 
 /// Separable Gaussian smoothing of every channel of a `[1, C, D, H, W]` tensor, with σ (in
 /// voxels) given per volume axis `(i, j, k)`; zero padding; σ ≤ 0 skips that axis.
+///
+/// Each 1D pass is a weighted sum of shifted slices of the padded tensor: element-wise work
+/// that libtorch vectorises on every device, where a depthwise `conv3d` with a `(k, 1, 1)`
+/// kernel falls back to a slow generic path on the CPU.
 pub(crate) fn gaussian(x: &Tensor, sigma: [f64; 3]) -> Result<Tensor, StageError> {
-    let channels = x.size()[1];
     let mut out = x.shallow_clone();
     // Volume axis i is tensor dim 4 (W), j is 3 (H), k is 2 (D).
     for (axis, &s) in sigma.iter().enumerate() {
         if s <= 0.0 {
             continue;
         }
-        let k = gaussian_kernel(s);
-        let len = k.len() as i64;
-        let mut shape = [channels, 1, 1, 1, 1];
-        let mut pad = [0i64; 3];
-        shape[4 - axis] = len;
-        pad[2 - axis] = len / 2;
-        let w = Tensor::f_from_slice(&k)?
-            .f_to_device(x.device())?
-            .f_view([1, 1, len])?
-            .f_expand([channels, 1, len], false)?
-            .f_reshape(shape)?;
-        out = out.f_conv3d::<Tensor>(&w, None, [1, 1, 1], pad, [1, 1, 1], channels)?;
+        let weights = gaussian_kernel(s);
+        let radius = (weights.len() / 2) as i64;
+        let dim = 4 - axis as i64;
+        let n = out.size()[dim as usize];
+        let mut pad = vec![0i64; 6];
+        pad[2 * axis] = radius;
+        pad[2 * axis + 1] = radius;
+        let padded = out.f_constant_pad_nd(pad)?;
+        let mut acc = padded
+            .f_narrow(dim, 0, n)?
+            .f_mul_scalar(f64::from(weights[0]))?;
+        for (tap, &w) in weights.iter().enumerate().skip(1) {
+            acc = acc.f_add_(
+                &padded
+                    .f_narrow(dim, tap as i64, n)?
+                    .f_mul_scalar(f64::from(w))?,
+            )?;
+        }
+        out = acc;
     }
     Ok(out)
 }
