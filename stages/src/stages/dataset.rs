@@ -30,6 +30,18 @@ use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value};
 /// labels = "seg.nii.gz"
 /// ```
 ///
+/// `pattern` may be a list of globs, and `image`, `labels`, `mask` lists of candidate names
+/// (the first that exists in a folder is used), for datasets whose folders name files
+/// differently:
+///
+/// ```toml
+/// [nodes.heads]
+/// type = "dataset"
+/// root = "data"
+/// pattern = ["colin27", "mni152"]
+/// image = ["ch2.nii.gz", "MNI152_T1.nii.gz"]
+/// ```
+///
 /// Manifest layout (`subject,image,labels[,mask]`, paths relative to the manifest's folder):
 ///
 /// ```toml
@@ -42,21 +54,52 @@ use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value};
 pub struct DatasetConfig {
     /// Folder holding one sub-folder per subject. Exclusive with `manifest`.
     pub root: Option<PathBuf>,
-    /// Glob, relative to `root`, matching the subject folders. Default `"*"`.
+    /// Glob (or list of globs), relative to `root`, matching the subject folders. Default
+    /// `"*"`.
     #[serde(default = "default_pattern")]
-    pub pattern: String,
-    /// Image file name inside each subject folder. Required with `root`.
-    pub image: Option<String>,
-    /// Label map file name inside each subject folder, if the dataset has labels.
-    pub labels: Option<String>,
-    /// Brain mask file name inside each subject folder, if the dataset has masks.
-    pub mask: Option<String>,
+    pub pattern: Names,
+    /// Image file name (or candidates) inside each subject folder. Required with `root`.
+    pub image: Option<Names>,
+    /// Label map file name (or candidates) inside each subject folder, if the dataset has
+    /// labels.
+    pub labels: Option<Names>,
+    /// Brain mask file name (or candidates) inside each subject folder, if the dataset has
+    /// masks.
+    pub mask: Option<Names>,
     /// CSV file with a header `subject,image[,labels][,mask]`. Exclusive with `root`.
     pub manifest: Option<PathBuf>,
 }
 
-fn default_pattern() -> String {
-    "*".to_string()
+/// One name, or a list of them.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Names {
+    /// A single name.
+    One(String),
+    /// Several names, in order of preference.
+    Many(Vec<String>),
+}
+
+impl Names {
+    /// The names, in order.
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            Names::One(name) => vec![name.as_str()],
+            Names::Many(names) => names.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The first candidate that exists in `dir`, else the first candidate (so a missing file
+    /// is reported under the name the user expects).
+    fn pick(&self, dir: &Path) -> PathBuf {
+        let items = self.items();
+        let found = items.iter().find(|name| dir.join(name).is_file());
+        dir.join(found.or(items.first()).copied().unwrap_or_default())
+    }
+}
+
+fn default_pattern() -> Names {
+    Names::One("*".to_string())
 }
 
 /// Where a dataset's subjects come from, once the configuration was checked.
@@ -64,10 +107,10 @@ fn default_pattern() -> String {
 enum Layout {
     Folders {
         root: PathBuf,
-        pattern: String,
-        image: String,
-        labels: Option<String>,
-        mask: Option<String>,
+        pattern: Names,
+        image: Names,
+        labels: Option<Names>,
+        mask: Option<Names>,
     },
     Manifest(PathBuf),
 }
@@ -101,9 +144,11 @@ impl StageConfig for DatasetConfig {
                         root
                     )));
                 };
-                glob::Pattern::new(&self.pattern).map_err(|e| {
-                    BuildError::Invalid(format!("dataset: pattern {:?}: {e}", self.pattern))
-                })?;
+                for pattern in self.pattern.items() {
+                    glob::Pattern::new(pattern).map_err(|e| {
+                        BuildError::Invalid(format!("dataset: pattern {pattern:?}: {e}"))
+                    })?;
+                }
                 Layout::Folders {
                     root,
                     pattern: self.pattern,
@@ -159,7 +204,17 @@ impl Dataset {
                 image,
                 labels,
                 mask,
-            } => list_folders(root, pattern, image, labels.as_deref(), mask.as_deref())?,
+            } => {
+                let mut entries = Vec::new();
+                for glob in pattern.items() {
+                    for entry in list_folders(root, glob, image, labels.as_ref(), mask.as_ref())? {
+                        if !entries.iter().any(|e: &SubjectEntry| e.id == entry.id) {
+                            entries.push(entry);
+                        }
+                    }
+                }
+                entries
+            }
             Layout::Manifest(path) => read_manifest(path)?,
         };
         entries.sort_by(|a, b| a.id.cmp(&b.id));
@@ -213,9 +268,9 @@ impl Stage for Dataset {
 fn list_folders(
     root: &Path,
     pattern: &str,
-    image: &str,
-    labels: Option<&str>,
-    mask: Option<&str>,
+    image: &Names,
+    labels: Option<&Names>,
+    mask: Option<&Names>,
 ) -> Result<Vec<SubjectEntry>, StageError> {
     if !root.is_dir() {
         return Err(StageError::Input(format!(
@@ -237,14 +292,15 @@ fn list_folders(
             continue;
         }
         let id = subject_id(root, &dir);
-        if !dir.join(image).is_file() {
-            tracing::debug!(subject = %id, image, "Subject folder lacks its image; kept");
+        let image = image.pick(&dir);
+        if !image.is_file() {
+            tracing::debug!(subject = %id, image = %image.display(), "Subject folder lacks its image; kept");
         }
         entries.push(SubjectEntry {
             id,
-            image: dir.join(image),
-            labels: labels.map(|name| dir.join(name)),
-            mask: mask.map(|name| dir.join(name)),
+            image,
+            labels: labels.map(|names| names.pick(&dir)),
+            mask: mask.map(|names| names.pick(&dir)),
         });
     }
     if entries.is_empty() {
@@ -339,7 +395,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(config.pattern, "OAS1_*");
+        assert_eq!(config.pattern, Names::One("OAS1_*".into()));
         assert_eq!(
             config.files(),
             vec![("root".into(), PathBuf::from("data/oasis"))]
@@ -377,6 +433,36 @@ mod tests {
         assert_eq!(entries[2].image, dir.path().join("sub-c/t1.nii.gz"));
         assert_eq!(entries[0].labels, Some(dir.path().join("sub-a/aseg.mgz")));
         assert_eq!(entries[0].mask, None);
+    }
+
+    #[test]
+    fn pattern_lists_and_candidate_names_cover_heterogeneous_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, file) in [
+            ("colin", "ch2.nii.gz"),
+            ("mni", "MNI.nii.gz"),
+            ("skip", "x.nii"),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join(file), b"").unwrap();
+        }
+        let stage = dataset(&format!(
+            "root = {:?}\npattern = [\"mni\", \"colin\", \"mn*\"]\n\
+             image = [\"ch2.nii.gz\", \"MNI.nii.gz\"]",
+            dir.path()
+        ));
+        let entries = stage.subjects().unwrap().unwrap();
+        let found: Vec<(&str, PathBuf)> = entries
+            .iter()
+            .map(|e| (e.id.as_str(), e.image.clone()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("colin", dir.path().join("colin/ch2.nii.gz")),
+                ("mni", dir.path().join("mni/MNI.nii.gz")),
+            ]
+        );
     }
 
     #[test]
