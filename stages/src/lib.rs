@@ -12,6 +12,7 @@ pub mod io;
 pub mod register;
 pub mod registry;
 pub mod resample;
+pub mod skullstrip;
 pub mod stage;
 pub mod stages;
 pub mod volume;
