@@ -2,8 +2,8 @@
 //!
 //! (Design notes are completed below once measured.)
 
-mod levels;
-mod lines;
+pub(crate) mod levels;
+pub(crate) mod lines;
 mod morphology;
 mod strip;
 
