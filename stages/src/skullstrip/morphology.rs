@@ -173,6 +173,55 @@ pub(crate) fn reconstruct_bits(seed: &[bool], allowed: &[bool], shape: [usize; 3
     out
 }
 
+/// Voxels of `allowed` within `max_mm` of `seed` along 6-connected paths through `allowed`
+/// (each step costs its axis's voxel size), found by Dijkstra's algorithm. Path lengths are
+/// city-block, so a diagonal reach is up to √3 shorter than `max_mm` in straight-line terms.
+pub(crate) fn grow_bits(
+    seed: &[bool],
+    allowed: &[bool],
+    shape: [usize; 3],
+    spacing: [f64; 3],
+    max_mm: f64,
+) -> Vec<bool> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut dist = vec![f32::INFINITY; allowed.len()];
+    let mut heap = BinaryHeap::new();
+    for (idx, (&s, &a)) in seed.iter().zip(allowed).enumerate() {
+        if s && a {
+            dist[idx] = 0.0;
+            heap.push(Reverse((0u32, idx)));
+        }
+    }
+    let [ni, nj, _] = shape;
+    let step = |from: usize, to: usize| {
+        let d = from.abs_diff(to);
+        if d == 1 {
+            spacing[0]
+        } else if d == ni {
+            spacing[1]
+        } else {
+            debug_assert_eq!(d, ni * nj);
+            spacing[2]
+        }
+    };
+    while let Some(Reverse((d_bits, idx))) = heap.pop() {
+        let d = f32::from_bits(d_bits);
+        if d > dist[idx] {
+            continue;
+        }
+        neighbours(idx, shape, |n| {
+            let nd = d + step(idx, n) as f32;
+            if allowed[n] && nd < dist[n] && nd as f64 <= max_mm {
+                dist[n] = nd;
+                // Non-negative floats order like their bit patterns.
+                heap.push(Reverse((nd.to_bits(), n)));
+            }
+        });
+    }
+    dist.iter().map(|d| d.is_finite()).collect()
+}
+
 /// `bits` with every background region that does not reach the grid edge set inside.
 pub(crate) fn fill_holes_bits(bits: &[bool], shape: [usize; 3]) -> Vec<bool> {
     let [ni, nj, nk] = shape;
