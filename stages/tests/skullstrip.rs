@@ -66,10 +66,7 @@ fn case(head: &str, mask: &str) -> Option<(Volume, Volume)> {
 fn strip_dice(head: &str, mask: &str) -> Option<f64> {
     let (h, m) = case(head, mask)?;
     let t = std::time::Instant::now();
-    let params: AutoParams = std::env::var("VOXFLOW_SKULL_PARAMS")
-        .map(|p| serde_json::from_str(&p).expect("params parse"))
-        .unwrap_or_default();
-    let r = skullstrip::auto(&h, &params).expect("auto strips a real head");
+    let r = skullstrip::auto(&h, &AutoParams::default()).expect("auto strips a real head");
     let d = skullstrip::dice(&r.mask, &m).expect("same grid");
     eprintln!(
         "{head}: dice {d:.4}, {:.0} mL (reference {:.0} mL), {:.2} s",
@@ -77,32 +74,32 @@ fn strip_dice(head: &str, mask: &str) -> Option<f64> {
         skullstrip::mask_volume_ml(&m),
         t.elapsed().as_secs_f64()
     );
-    if let Ok(dir) = std::env::var("VOXFLOW_SKULL_DUMP") {
-        let name = head.replace('/', "__");
-        let bytes: Vec<u8> = r.mask.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        std::fs::write(Path::new(&dir).join(format!("auto__{name}.f32")), bytes).unwrap();
-    }
     Some(d)
 }
+
+// Measured with the defaults: colin27 0.897, MNI152 0.967, fsaverage 0.890; refinement from
+// the reference moved by -3 / +3 mm: colin27 0.899 / 0.897, MNI152 0.967 / 0.951. The references
+// follow different conventions for the CSF around the brain (see the skullstrip module
+// documentation), which is why colin27 and fsaverage sit below MNI152.
 
 #[test]
 fn auto_strips_colin27() {
     if let Some(d) = strip_dice("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz") {
-        assert!(d >= 0.0, "dice {d}");
+        assert!(d >= 0.88, "dice {d}");
     }
 }
 
 #[test]
 fn auto_strips_mni152() {
     if let Some(d) = strip_dice("mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz") {
-        assert!(d >= 0.0, "dice {d}");
+        assert!(d >= 0.95, "dice {d}");
     }
 }
 
 #[test]
 fn auto_strips_fsaverage() {
     if let Some(d) = strip_dice("fsaverage/T1.mgz", "fsaverage/brain.mgz") {
-        assert!(d >= 0.0, "dice {d}");
+        assert!(d >= 0.87, "dice {d}");
     }
 }
 
@@ -124,7 +121,17 @@ fn refine_recovery(head: &str, mask: &str, shift_mm: f64) -> Option<f64> {
 fn refine_recovers_colin27_from_a_shifted_mask() {
     for shift in [-3.0, 3.0] {
         if let Some(d) = refine_recovery("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz", shift) {
-            assert!(d >= 0.0, "{shift}: dice {d}");
+            assert!(d >= 0.88, "{shift}: dice {d}");
+        }
+    }
+}
+
+#[test]
+fn refine_recovers_mni152_from_a_shifted_mask() {
+    for shift in [-3.0, 3.0] {
+        let (head, mask) = ("mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz");
+        if let Some(d) = refine_recovery(head, mask, shift) {
+            assert!(d >= 0.94, "{shift}: dice {d}");
         }
     }
 }

@@ -362,7 +362,7 @@ pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStri
     let white: Vec<bool> = data
         .par_iter()
         .zip(&found.deep)
-        .map(|(&x, &h)| h && (x as f64) > levels.white && (x as f64) < levels.tissue_hi)
+        .map(|(&x, &h)| h && (x as f64) >= levels.white && (x as f64) < levels.tissue_hi)
         .collect();
     let white = open_bits(&white, shape, spacing, params.white_opening_mm);
     let core = largest_bits(&white, shape);
@@ -548,4 +548,105 @@ fn take_dark_band(
             !bright[idx] && d_in <= cap && d_in <= alpha * (d_in + d_out)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Affine;
+
+    /// A synthetic head on a 1.5 × 1.5 × 3 mm grid: nested ellipsoids of white matter, grey
+    /// matter, CSF, bone and bright scalp fat, plus a block of muscle (a "face") touching the
+    /// scalp. Returns the head and the intracranial volume (brain and CSF), which is what
+    /// the default `csf_fraction` aims at when the bone is thin.
+    fn phantom() -> (Volume, Volume) {
+        let (shape, vox) = ([140, 160, 60], [1.5, 1.5, 3.0]);
+        let layers = [
+            (1.00, 110.0),
+            (1.12, 75.0),
+            (1.18, 30.0),
+            (1.24, 8.0),
+            (1.36, 160.0),
+        ];
+        let radii = [45.0, 55.0, 40.0];
+        let centre = [0, 1, 2].map(|a| shape[a] as f64 * vox[a] / 2.0);
+        let mut head = vec![0.0f32; shape.iter().product()];
+        let mut brain = vec![0.0f32; head.len()];
+        for k in 0..shape[2] {
+            for j in 0..shape[1] {
+                for i in 0..shape[0] {
+                    let p = [i as f64 * vox[0], j as f64 * vox[1], k as f64 * vox[2]];
+                    let d = (0..3)
+                        .map(|a| ((p[a] - centre[a]) / radii[a]).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let idx = i + shape[0] * (j + shape[1] * k);
+                    if let Some(&(_, v)) = layers.iter().find(|(r, _)| d <= *r) {
+                        head[idx] = v;
+                    }
+                    if d <= 1.18 {
+                        brain[idx] = 1.0;
+                    }
+                    let face = p[1] > centre[1] + 1.3 * radii[1] && (p[0] - centre[0]).abs() < 30.0;
+                    if face && (p[1] - centre[1]) < 1.6 * radii[1] && head[idx] == 0.0 {
+                        head[idx] = 70.0;
+                    }
+                }
+            }
+        }
+        let mut affine = Affine::identity();
+        for a in 0..3 {
+            affine[(a, a)] = vox[a];
+        }
+        let head = Volume::new(head, shape, affine);
+        let brain = head.with_data(brain);
+        (head, brain)
+    }
+
+    #[test]
+    fn auto_finds_the_brain_of_a_synthetic_anisotropic_head() {
+        let (head, brain) = phantom();
+        let r = auto(&head, &AutoParams::default()).unwrap();
+        let d = dice(&r.mask, &brain).unwrap();
+        assert!(d > 0.93, "dice {d}");
+        let want = mask_volume_ml(&brain);
+        assert!(
+            (r.brain_volume_ml / want - 1.0).abs() < 0.1,
+            "{} vs {want}",
+            r.brain_volume_ml
+        );
+    }
+
+    #[test]
+    fn refine_snaps_a_shifted_mask_back() {
+        let (head, brain) = phantom();
+        for start in [
+            super::super::erode_mm(&brain, 4.0),
+            super::super::dilate_mm(&brain, 4.0),
+        ] {
+            let r = refine_boundary(&head, &start, &RefineParams::default()).unwrap();
+            let (before, after) = (dice(&start, &brain).unwrap(), dice(&r, &brain).unwrap());
+            assert!(after > 0.93 && after > before, "{before} -> {after}");
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let flat = Volume::new(vec![5.0; 1000], [10, 10, 10], Affine::identity());
+        assert!(matches!(
+            auto(&flat, &AutoParams::default()),
+            Err(SkullStripError::FlatImage)
+        ));
+        let (head, _) = phantom();
+        let empty = head.zeros_like();
+        assert!(matches!(
+            refine_boundary(&head, &empty, &RefineParams::default()),
+            Err(SkullStripError::EmptyMask)
+        ));
+        assert!(matches!(
+            refine_boundary(&head, &flat, &RefineParams::default()),
+            Err(SkullStripError::ShapeMismatch { .. })
+        ));
+        assert!(dice(&head, &flat).is_err());
+    }
 }
