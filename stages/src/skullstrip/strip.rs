@@ -1,0 +1,652 @@
+//! The brain extraction itself: [`auto`] from a raw head, and [`refine_boundary`] that snaps
+//! a rough mask (the atlas method's, or `auto`'s own first guess) to the brain's edge.
+//!
+//! See the parent module for the design and its reasons; this file holds the steps.
+
+use rayon::prelude::*;
+use tracing::debug;
+
+use crate::stage::StageError;
+use crate::volume::Volume;
+
+use super::levels::Histogram;
+use super::lines::squared_distance;
+use super::morphology::{
+    close_bits, dilate_bits, erode_bits, fill_holes_2d, fill_holes_bits, from_bits, grow_bits,
+    largest_bits, open_bits, reconstruct_bits, to_bits,
+};
+
+/// Skull stripping could not be done on these inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum SkullStripError {
+    /// The head has no finite voxel, or a single value everywhere.
+    #[error("the head image is empty or constant (no finite range of intensities)")]
+    FlatImage,
+    /// No voxel looked like tissue at the stated step.
+    #[error("no brain found: {0}")]
+    NoBrain(String),
+    /// The mask given to refine is empty.
+    #[error("the initial mask is empty")]
+    EmptyMask,
+    /// Two volumes that must share a grid do not.
+    #[error("grid mismatch: {what} has shape {got:?}, expected {want:?}")]
+    ShapeMismatch {
+        /// Which input is off.
+        what: &'static str,
+        /// Its shape.
+        got: [usize; 3],
+        /// The shape it should have.
+        want: [usize; 3],
+    },
+}
+
+impl From<SkullStripError> for StageError {
+    fn from(e: SkullStripError) -> StageError {
+        StageError::Data(e.to_string())
+    }
+}
+
+/// Settings of [`refine_boundary`]. Distances are in millimetres.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefineParams {
+    /// How far (mm) the boundary may move from the initial mask's, in or out. Default 6.
+    pub search_mm: f64,
+    /// Where tissue starts, as a fraction of the way from the background level to the brain's
+    /// median intensity. Default 0.45.
+    pub tissue_fraction: f64,
+    /// Radius (mm) of the opening that cuts thin tissue bridges (vessels, dura, partial
+    /// volume with the skull) before growing. Default 1.5.
+    pub opening_mm: f64,
+    /// Radius (mm) of the closing that takes in sulcal CSF and smooths the outline. Default 6.
+    pub closing_mm: f64,
+    /// The most (mm) the mask then extends into the dark (CSF and bone) layer outside the
+    /// brain. Default 6.
+    pub csf_margin_mm: f64,
+    /// Which fraction of that dark layer's local thickness is taken in, from the brain side:
+    /// 0 stops at the brain surface, 1 reaches the scalp or diploë. Default 0.55.
+    pub csf_fraction: f64,
+    /// Thickness (mm) of the outer layer of the head (skin, scalp and most of the skull)
+    /// that is never brain. Default 7.
+    pub scalp_mm: f64,
+}
+
+impl Default for RefineParams {
+    fn default() -> RefineParams {
+        RefineParams {
+            search_mm: 6.0,
+            tissue_fraction: 0.45,
+            opening_mm: 1.5,
+            closing_mm: 6.0,
+            csf_margin_mm: 6.0,
+            csf_fraction: 0.55,
+            scalp_mm: 7.0,
+        }
+    }
+}
+
+/// Settings of [`auto`]. Distances are in millimetres.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoParams {
+    /// Radius (mm) of the opening of the white-matter-bright voxels that cuts thin bright
+    /// bridges (fat, marrow, vessels) before the largest piece is kept. Default 1.5.
+    pub white_opening_mm: f64,
+    /// How far (mm, along 6-connected paths through tissue) the brain may extend from that
+    /// white matter: cortex, sulci and cerebellar folia, but not the orbits or neck beyond.
+    /// Default 14.
+    pub grow_mm: f64,
+    /// The boundary refinement that follows.
+    pub refine: RefineParams,
+}
+
+impl Default for AutoParams {
+    fn default() -> AutoParams {
+        AutoParams {
+            white_opening_mm: 1.5,
+            grow_mm: 14.0,
+            refine: RefineParams::default(),
+        }
+    }
+}
+
+/// What [`auto`] returns.
+#[derive(Clone, Debug)]
+pub struct StripResult {
+    /// The brain mask, 0/1 on the head's grid.
+    pub mask: Volume,
+    /// Volume of the mask in millilitres.
+    pub brain_volume_ml: f64,
+}
+
+/// Intensity levels of a head that the steps threshold against.
+#[derive(Clone, Copy, Debug)]
+struct Levels {
+    /// Lower end of brain tissue (between CSF and grey matter).
+    tissue_lo: f64,
+    /// Upper end of brain tissue (below fat and marrow).
+    tissue_hi: f64,
+    /// Between grey and white matter.
+    white: f64,
+}
+
+/// Volume of a mask in millilitres.
+pub fn mask_volume_ml(mask: &Volume) -> f64 {
+    let m = mask.affine.fixed_view::<3, 3>(0, 0).determinant().abs();
+    mask.frame(0).iter().filter(|&&x| x >= 0.5).count() as f64 * m / 1000.0
+}
+
+/// Dice overlap `2|A∩B| / (|A|+|B|)` of two masks on the same grid (inside: value ≥ 0.5).
+/// Two empty masks overlap perfectly (1).
+///
+/// # Errors
+/// [`SkullStripError::ShapeMismatch`] when the grids differ in shape.
+pub fn dice(a: &Volume, b: &Volume) -> Result<f64, SkullStripError> {
+    if a.shape != b.shape {
+        return Err(SkullStripError::ShapeMismatch {
+            what: "second mask",
+            got: b.shape,
+            want: a.shape,
+        });
+    }
+    let (both, na, nb) = a
+        .frame(0)
+        .par_iter()
+        .zip(b.frame(0))
+        .map(|(&x, &y)| {
+            let (x, y) = (x >= 0.5, y >= 0.5);
+            ((x && y) as u64, x as u64, y as u64)
+        })
+        .reduce(|| (0, 0, 0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2));
+    if na + nb == 0 {
+        return Ok(1.0);
+    }
+    Ok(2.0 * both as f64 / (na + nb) as f64)
+}
+
+/// What is known about a head before looking for the brain: its background level and which
+/// voxels lie deeper than the scalp.
+struct Head {
+    /// Otsu's level over the robust range of all voxels: between the dark classes (air,
+    /// noise floor, CSF, bone) and tissue. The low anchor of the tissue levels.
+    background: f64,
+    /// Voxels of the head, every cavity filled.
+    bits: Vec<bool>,
+    /// Head voxels farther than `scalp_mm` from the air around the head.
+    deep: Vec<bool>,
+}
+
+impl Head {
+    /// The background level and the head's voxels on the full grid. The head is the largest
+    /// component above a tenth of the way from the 2nd to the 98th percentile, its holes
+    /// filled in 3D and, so that a dark layer open to the edge of the field of view (at the
+    /// neck) still counts as inside, slice by slice along each axis.
+    fn locate(head: &Volume) -> Result<(f64, Vec<bool>), SkullStripError> {
+        let shape = head.shape;
+        let hist = Histogram::new(head.frame(0), None).ok_or(SkullStripError::FlatImage)?;
+        let (lo, hi) = (hist.percentile(0.5), hist.percentile(99.5));
+        if hi <= lo {
+            return Err(SkullStripError::FlatImage);
+        }
+        let background = hist.otsu(lo, hi);
+        let (p2, p98) = (hist.percentile(2.0), hist.percentile(98.0));
+        let air = p2 + 0.1 * (p98 - p2);
+        let above: Vec<bool> = head.frame(0).par_iter().map(|&x| x as f64 > air).collect();
+        let mut bits = fill_holes_bits(&largest_bits(&above, shape), shape);
+        for axis in 0..3 {
+            bits = fill_holes_2d(&bits, shape, axis);
+        }
+        debug!(background, air, "Head found");
+        Ok((background, bits))
+    }
+
+    /// The head on a cropped grid `sub`, from its cropped voxels.
+    fn new(sub: &Volume, background: f64, bits: Vec<bool>, scalp_mm: f64) -> Head {
+        let deep = erode_bits(&bits, sub.shape, sub.voxel_size(), scalp_mm);
+        Head {
+            background,
+            bits,
+            deep,
+        }
+    }
+}
+
+/// A box of the grid: where the work happens, so that the air around a head costs nothing.
+struct Crop {
+    lo: [usize; 3],
+    shape: [usize; 3],
+    full: [usize; 3],
+}
+
+impl Crop {
+    /// The bounding box of `bits` grown by `margin` voxels, or None when `bits` is empty.
+    fn around(bits: &[bool], full: [usize; 3], margin: usize) -> Option<Crop> {
+        let [ni, nj, _] = full;
+        let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
+        for (idx, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+            let p = [idx % ni, (idx / ni) % nj, idx / (ni * nj)];
+            for a in 0..3 {
+                lo[a] = lo[a].min(p[a]);
+                hi[a] = hi[a].max(p[a]);
+            }
+        }
+        if lo[0] == usize::MAX {
+            return None;
+        }
+        let lo = [0, 1, 2].map(|a| lo[a].saturating_sub(margin));
+        let hi = [0, 1, 2].map(|a| (hi[a] + margin).min(full[a] - 1));
+        let shape = [0, 1, 2].map(|a| hi[a] - lo[a] + 1);
+        Some(Crop { lo, shape, full })
+    }
+
+    fn index(&self, i: usize, j: usize, k: usize) -> usize {
+        let [ni, nj, _] = self.full;
+        (self.lo[0] + i) + ni * ((self.lo[1] + j) + nj * (self.lo[2] + k))
+    }
+
+    fn take<T: Copy>(&self, full: &[T]) -> Vec<T> {
+        let [si, sj, sk] = self.shape;
+        let mut out = Vec::with_capacity(si * sj * sk);
+        for k in 0..sk {
+            for j in 0..sj {
+                let start = self.index(0, j, k);
+                out.extend_from_slice(&full[start..start + si]);
+            }
+        }
+        out
+    }
+
+    fn paste(&self, sub: &[bool]) -> Vec<bool> {
+        let [si, sj, sk] = self.shape;
+        let mut out = vec![false; self.full.iter().product()];
+        for k in 0..sk {
+            for j in 0..sj {
+                let start = self.index(0, j, k);
+                let from = si * (j + sj * k);
+                out[start..start + si].copy_from_slice(&sub[from..from + si]);
+            }
+        }
+        out
+    }
+
+    fn volume(&self, v: &Volume) -> Volume {
+        let shift = crate::volume::Affine::new_translation(&nalgebra::Vector3::new(
+            self.lo[0] as f64,
+            self.lo[1] as f64,
+            self.lo[2] as f64,
+        ));
+        Volume::new(self.take(v.frame(0)), self.shape, v.affine * shift)
+    }
+}
+
+/// Tissue levels from the voxels of `inside` (which should be mostly brain) above the
+/// background level.
+fn tissue_levels(
+    head: &Volume,
+    inside: &[bool],
+    background: f64,
+    fraction: f64,
+) -> Result<Levels, SkullStripError> {
+    let data = head.frame(0);
+    let keep: Vec<bool> = inside
+        .iter()
+        .zip(data)
+        .map(|(&m, &x)| m && x as f64 > background)
+        .collect();
+    let hist = Histogram::new(data, Some(&keep))
+        .ok_or_else(|| SkullStripError::NoBrain("no voxel above background inside".into()))?;
+    let median = hist.percentile(50.0);
+    let (tissue_lo, tissue_hi) = (
+        background + fraction * (median - background),
+        hist.percentile(99.5) * 1.05,
+    );
+    let levels = Levels {
+        tissue_lo,
+        tissue_hi,
+        white: hist.otsu(tissue_lo, tissue_hi),
+    };
+    debug!(?levels, median, "Tissue levels");
+    Ok(levels)
+}
+
+/// Finds the brain in a raw T1-weighted head (skull, scalp, face and neck included) without
+/// an atlas.
+///
+/// Steps (the module documentation argues each): the head and, inside it, the voxels deeper
+/// than `params.refine.scalp_mm`; tissue and white-matter levels from a sphere at the head's
+/// centre of mass; the largest piece of white-matter-bright voxels after an opening of
+/// `params.white_opening_mm`; tissue reached from it within `params.grow_mm`; then the
+/// boundary work of [`refine_boundary`] with `params.refine`. All distances are in mm. The
+/// work happens on the head's bounding box, so empty field of view costs little.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use voxflow_stages::skullstrip::{auto, AutoParams};
+/// let head = voxflow_stages::io::read_volume("colin27/ch2.nii.gz".as_ref())?;
+/// let brain = auto(&head, &AutoParams::default())?;
+/// assert!(brain.brain_volume_ml > 500.0);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`SkullStripError::FlatImage`] for an empty or constant image, [`SkullStripError::NoBrain`]
+/// when a step leaves nothing.
+pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStripError> {
+    let (background, head_bits) = Head::locate(head)?;
+    let crop = Crop::around(&head_bits, head.shape, 2)
+        .ok_or_else(|| SkullStripError::NoBrain("nothing above the background level".into()))?;
+    let full = head;
+    let head = &crop.volume(full);
+    let found = Head::new(
+        head,
+        background,
+        crop.take(&head_bits),
+        params.refine.scalp_mm,
+    );
+    let (shape, spacing) = (head.shape, head.voxel_size());
+    let data = head.frame(0);
+    let centre = sphere_at_centre(&found.bits, shape, spacing)
+        .ok_or_else(|| SkullStripError::NoBrain("nothing above the background level".into()))?;
+    let levels = tissue_levels(
+        head,
+        &centre,
+        found.background,
+        params.refine.tissue_fraction,
+    )?;
+
+    let tissue: Vec<bool> = data
+        .par_iter()
+        .zip(&found.deep)
+        .map(|(&x, &h)| h && (x as f64) > levels.tissue_lo && (x as f64) < levels.tissue_hi)
+        .collect();
+    let white: Vec<bool> = data
+        .par_iter()
+        .zip(&found.deep)
+        .map(|(&x, &h)| h && (x as f64) >= levels.white && (x as f64) < levels.tissue_hi)
+        .collect();
+    let white = open_bits(&white, shape, spacing, params.white_opening_mm);
+    let core = largest_bits(&white, shape);
+    if !core.contains(&true) {
+        return Err(SkullStripError::NoBrain(format!(
+            "no white matter survives a {} mm opening",
+            params.white_opening_mm
+        )));
+    }
+    let first = grow_bits(&core, &tissue, shape, spacing, params.grow_mm);
+    let first = fill_holes_bits(&close_bits(&first, shape, spacing, 2.0), shape);
+
+    let bits = refine_bits(head, &first, &params.refine, found, Some(levels))?;
+    let mask = from_bits(full, &crop.paste(&bits));
+    let brain_volume_ml = mask_volume_ml(&mask);
+    debug!(brain_volume_ml, "Skull stripped");
+    Ok(StripResult {
+        mask,
+        brain_volume_ml,
+    })
+}
+
+/// Voxels within a sphere around the centre of mass of `head_bits`, with a radius of half
+/// that of a ball of the head's volume: mostly brain in any head scan.
+fn sphere_at_centre(head_bits: &[bool], shape: [usize; 3], spacing: [f64; 3]) -> Option<Vec<bool>> {
+    let [ni, nj, _] = shape;
+    let (mut n, mut s) = (0usize, [0.0f64; 3]);
+    for (idx, _) in head_bits.iter().enumerate().filter(|(_, b)| **b) {
+        n += 1;
+        s[0] += (idx % ni) as f64;
+        s[1] += ((idx / ni) % nj) as f64;
+        s[2] += (idx / (ni * nj)) as f64;
+    }
+    if n == 0 {
+        return None;
+    }
+    let c = s.map(|x| x / n as f64);
+    let vol = n as f64 * spacing.iter().product::<f64>();
+    let r = 0.5 * (3.0 * vol / (4.0 * std::f64::consts::PI)).cbrt();
+    debug!(centre = ?c, radius_mm = r, "Head centre");
+    let bits = (0..head_bits.len())
+        .into_par_iter()
+        .map(|idx| {
+            let p = [
+                (idx % ni) as f64,
+                ((idx / ni) % nj) as f64,
+                (idx / (ni * nj)) as f64,
+            ];
+            let d2: f64 = (0..3).map(|a| ((p[a] - c[a]) * spacing[a]).powi(2)).sum();
+            head_bits[idx] && d2 <= r * r
+        })
+        .collect();
+    Some(bits)
+}
+
+/// Snaps a brain mask that may be off by a few millimetres to the brain's boundary in `head`.
+///
+/// Inside the band of `params.search_mm` around the initial outline, tissue voxels (between
+/// the levels measured inside the mask, and deeper than `params.scalp_mm` from the air) are
+/// opened by `params.opening_mm` to cut thin bridges and grown from the mask's certain core
+/// through tissue; the result is closed by `params.closing_mm` (sulci), its holes filled
+/// (ventricles), and extended into the dark layer (CSF and bone) around it by
+/// `params.csf_fraction` of that layer's local thickness, at most `params.csf_margin_mm`.
+/// This is the atlas method's last step: give it the atlas mask carried onto the subject.
+///
+/// Tissue levels come from the mask eroded by up to 5 mm, so the mask must be mostly brain;
+/// one off by 3 mm either way is recovered (see the crate's skull-stripping tests and bench).
+///
+/// # Errors
+/// [`SkullStripError::ShapeMismatch`] when `mask` is not on `head`'s grid,
+/// [`SkullStripError::EmptyMask`] when it is empty, [`SkullStripError::FlatImage`] for a
+/// constant head.
+pub fn refine_boundary(
+    head: &Volume,
+    mask: &Volume,
+    params: &RefineParams,
+) -> Result<Volume, SkullStripError> {
+    if mask.shape != head.shape {
+        return Err(SkullStripError::ShapeMismatch {
+            what: "mask",
+            got: mask.shape,
+            want: head.shape,
+        });
+    }
+    let bits = to_bits(mask);
+    let (background, head_bits) = Head::locate(head)?;
+    let both: Vec<bool> = bits.iter().zip(&head_bits).map(|(&a, &b)| a || b).collect();
+    let crop = Crop::around(&both, head.shape, 2).ok_or(SkullStripError::EmptyMask)?;
+    let sub = crop.volume(head);
+    let found = Head::new(&sub, background, crop.take(&head_bits), params.scalp_mm);
+    let refined = refine_bits(&sub, &crop.take(&bits), params, found, None)?;
+    Ok(from_bits(head, &crop.paste(&refined)))
+}
+
+fn refine_bits(
+    head: &Volume,
+    bits: &[bool],
+    params: &RefineParams,
+    found: Head,
+    levels: Option<Levels>,
+) -> Result<Vec<bool>, SkullStripError> {
+    let (shape, spacing) = (head.shape, head.voxel_size());
+    let data = head.frame(0);
+    if !bits.contains(&true) {
+        return Err(SkullStripError::EmptyMask);
+    }
+    let inner = erode_bits(bits, shape, spacing, params.search_mm);
+    let levels = match levels {
+        Some(l) => l,
+        None => {
+            let probe = erode_bits(bits, shape, spacing, params.search_mm.min(5.0));
+            let probe = if probe.contains(&true) {
+                probe
+            } else {
+                bits.to_vec()
+            };
+            tissue_levels(head, &probe, found.background, params.tissue_fraction)?
+        }
+    };
+    let is_tissue = |x: f32| (x as f64) > levels.tissue_lo && (x as f64) < levels.tissue_hi;
+
+    let outer = dilate_bits(bits, shape, spacing, params.search_mm);
+    let candidate: Vec<bool> = (0..data.len())
+        .into_par_iter()
+        .map(|idx| outer[idx] && found.deep[idx] && is_tissue(data[idx]))
+        .collect();
+    let candidate = open_bits(&candidate, shape, spacing, params.opening_mm);
+    let seed: Vec<bool> = inner
+        .iter()
+        .zip(&candidate)
+        .map(|(&a, &c)| a && c)
+        .collect();
+    let seed = if seed.contains(&true) {
+        seed
+    } else {
+        candidate.clone()
+    };
+    let grown = reconstruct_bits(&seed, &candidate, shape);
+    let brain: Vec<bool> = grown.iter().zip(&inner).map(|(&g, &i)| g || i).collect();
+    let brain = largest_bits(&brain, shape);
+    if !brain.contains(&true) {
+        return Err(SkullStripError::NoBrain(
+            "no tissue connected to the mask".into(),
+        ));
+    }
+
+    let hull = fill_holes_bits(
+        &close_bits(&brain, shape, spacing, params.closing_mm),
+        shape,
+    );
+    let out = take_dark_band(&hull, data, levels.tissue_lo, shape, spacing, params);
+    Ok(fill_holes_bits(&largest_bits(&out, shape), shape))
+}
+
+/// `hull` plus the inner part of the dark band around it: dark voxels (at most `dark`)
+/// whose distance to the hull is at most `params.csf_fraction` of the band's local width
+/// (distance to the hull plus distance to the nearest brighter voxel outside it), and at
+/// most `params.csf_margin_mm`. T1 does not tell CSF from cortical bone, so the inner skull
+/// surface is placed at a fixed fraction of the dark layer between brain and scalp.
+fn take_dark_band(
+    hull: &[bool],
+    data: &[f32],
+    dark: f64,
+    shape: [usize; 3],
+    spacing: [f64; 3],
+    params: &RefineParams,
+) -> Vec<bool> {
+    let bright: Vec<bool> = hull
+        .par_iter()
+        .zip(data)
+        .map(|(&h, &x)| !h && x as f64 > dark)
+        .collect();
+    let to_hull = squared_distance(hull, shape, spacing);
+    let to_bright = squared_distance(&bright, shape, spacing);
+    let (alpha, cap) = (params.csf_fraction as f32, params.csf_margin_mm as f32);
+    (0..hull.len())
+        .into_par_iter()
+        .map(|idx| {
+            if hull[idx] {
+                return true;
+            }
+            let (d_in, d_out) = (to_hull[idx].sqrt(), to_bright[idx].sqrt());
+            !bright[idx] && d_in <= cap && d_in <= alpha * (d_in + d_out)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Affine;
+
+    /// A synthetic head on a 1.5 × 1.5 × 3 mm grid: nested ellipsoids of white matter, grey
+    /// matter, CSF, bone and bright scalp fat, plus a block of muscle (a "face") touching the
+    /// scalp. Returns the head and the intracranial volume (brain and CSF), which is what
+    /// the default `csf_fraction` aims at when the bone is thin.
+    fn phantom() -> (Volume, Volume) {
+        let (shape, vox) = ([140, 160, 60], [1.5, 1.5, 3.0]);
+        let layers = [
+            (1.00, 110.0),
+            (1.12, 75.0),
+            (1.18, 30.0),
+            (1.24, 8.0),
+            (1.36, 160.0),
+        ];
+        let radii = [45.0, 55.0, 40.0];
+        let centre = [0, 1, 2].map(|a| shape[a] as f64 * vox[a] / 2.0);
+        let mut head = vec![0.0f32; shape.iter().product()];
+        let mut brain = vec![0.0f32; head.len()];
+        for k in 0..shape[2] {
+            for j in 0..shape[1] {
+                for i in 0..shape[0] {
+                    let p = [i as f64 * vox[0], j as f64 * vox[1], k as f64 * vox[2]];
+                    let d = (0..3)
+                        .map(|a| ((p[a] - centre[a]) / radii[a]).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let idx = i + shape[0] * (j + shape[1] * k);
+                    if let Some(&(_, v)) = layers.iter().find(|(r, _)| d <= *r) {
+                        head[idx] = v;
+                    }
+                    if d <= 1.18 {
+                        brain[idx] = 1.0;
+                    }
+                    let face = p[1] > centre[1] + 1.3 * radii[1] && (p[0] - centre[0]).abs() < 30.0;
+                    if face && (p[1] - centre[1]) < 1.6 * radii[1] && head[idx] == 0.0 {
+                        head[idx] = 70.0;
+                    }
+                }
+            }
+        }
+        let mut affine = Affine::identity();
+        for a in 0..3 {
+            affine[(a, a)] = vox[a];
+        }
+        let head = Volume::new(head, shape, affine);
+        let brain = head.with_data(brain);
+        (head, brain)
+    }
+
+    #[test]
+    fn auto_finds_the_brain_of_a_synthetic_anisotropic_head() {
+        let (head, brain) = phantom();
+        let r = auto(&head, &AutoParams::default()).unwrap();
+        let d = dice(&r.mask, &brain).unwrap();
+        assert!(d > 0.93, "dice {d}");
+        let want = mask_volume_ml(&brain);
+        assert!(
+            (r.brain_volume_ml / want - 1.0).abs() < 0.1,
+            "{} vs {want}",
+            r.brain_volume_ml
+        );
+    }
+
+    #[test]
+    fn refine_snaps_a_shifted_mask_back() {
+        let (head, brain) = phantom();
+        for start in [
+            super::super::erode_mm(&brain, 4.0),
+            super::super::dilate_mm(&brain, 4.0),
+        ] {
+            let r = refine_boundary(&head, &start, &RefineParams::default()).unwrap();
+            let (before, after) = (dice(&start, &brain).unwrap(), dice(&r, &brain).unwrap());
+            assert!(after > 0.93 && after > before, "{before} -> {after}");
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let flat = Volume::new(vec![5.0; 1000], [10, 10, 10], Affine::identity());
+        assert!(matches!(
+            auto(&flat, &AutoParams::default()),
+            Err(SkullStripError::FlatImage)
+        ));
+        let (head, _) = phantom();
+        let empty = head.zeros_like();
+        assert!(matches!(
+            refine_boundary(&head, &empty, &RefineParams::default()),
+            Err(SkullStripError::EmptyMask)
+        ));
+        assert!(matches!(
+            refine_boundary(&head, &flat, &RefineParams::default()),
+            Err(SkullStripError::ShapeMismatch { .. })
+        ));
+        assert!(dice(&head, &flat).is_err());
+    }
+}
