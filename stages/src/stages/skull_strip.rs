@@ -17,8 +17,9 @@ use serde::Deserialize;
 use crate::io::read_volume;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
+use crate::skullstrip::{auto, dilate_mm, refine_boundary};
 use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
-use crate::volume::{Grid, Volume};
+use crate::volume::Volume;
 
 /// Parameters of a `skull_strip` node.
 ///
@@ -52,6 +53,18 @@ pub struct SkullStripConfig {
     /// Grow the mask by this many millimetres before applying it. Default 0.
     #[serde(default)]
     pub dilate_mm: f64,
+    /// For `"atlas"`: snap the carried mask to the subject's own brain boundary with
+    /// [`crate::skullstrip::refine_boundary`]. Default true.
+    #[serde(default = "yes")]
+    pub refine: bool,
+    /// For `"auto"`: the classical method's settings ([`crate::skullstrip::AutoParams`]),
+    /// e.g. `[nodes.strip.auto] refine.csf_fraction = 0.3`.
+    #[serde(default)]
+    pub auto: crate::skullstrip::AutoParams,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where `skull_strip` takes its brain mask from.
@@ -61,8 +74,11 @@ pub enum StripMethod {
     /// The scan's own mask, or the `mask` file.
     #[default]
     Mask,
-    /// The atlas's mask (its `mask`, else `image > 0`) carried through the registration.
+    /// The atlas's mask (its `mask`, else `image > 0`) carried through the registration,
+    /// then refined at the subject's brain boundary.
     Atlas,
+    /// A classical extraction needing no atlas ([`crate::skullstrip::auto`]).
+    Auto,
 }
 
 impl StageConfig for SkullStripConfig {
@@ -80,7 +96,7 @@ impl StageConfig for SkullStripConfig {
                 self.dilate_mm
             )));
         }
-        if self.method == StripMethod::Atlas && self.mask.is_some() {
+        if self.method != StripMethod::Mask && self.mask.is_some() {
             return Err(BuildError::Invalid(
                 "skull_strip: `mask` applies to method = \"mask\" only".into(),
             ));
@@ -126,13 +142,26 @@ impl Stage for SkullStrip {
                     Some(m) => m.clone(),
                     None => Arc::new(binarize(&atlas.image)),
                 };
-                warp(&atlas_mask, transform, &grid, Interp::Nearest)
+                let carried = warp(&atlas_mask, transform, &grid, Interp::Nearest);
+                if self.config.refine {
+                    let refine = &self.config.auto.refine;
+                    refine_boundary(&scan.image, &carried, refine).map_err(|e| failed(scan, e))?
+                } else {
+                    carried
+                }
+            }
+            StripMethod::Auto => {
+                auto(&scan.image, &self.config.auto)
+                    .map_err(|e| failed(scan, e))?
+                    .mask
             }
         };
-        let mut inside: Vec<bool> = mask.data.iter().map(|&m| m != 0.0).collect();
-        if self.config.dilate_mm > 0.0 {
-            inside = dilate(&inside, &grid, self.config.dilate_mm);
-        }
+        let mask = if self.config.dilate_mm > 0.0 {
+            dilate_mm(&mask, self.config.dilate_mm)
+        } else {
+            mask
+        };
+        let inside: Vec<bool> = mask.data.iter().map(|&m| m != 0.0).collect();
         strip(scan, &inside)
     }
 }
@@ -161,6 +190,13 @@ impl SkullStrip {
         tracing::debug!(file = %path.display(), "Resampling the mask file onto the scan's grid");
         Ok(resample(&file, &grid, Interp::Nearest, |p| p))
     }
+}
+
+fn failed(scan: &Scan, e: crate::skullstrip::SkullStripError) -> StageError {
+    StageError::Data(format!(
+        "skull_strip: {}: {e}",
+        scan.image.header.path.display()
+    ))
 }
 
 /// The image multiplied by the mask, as a scan carrying that mask.
@@ -205,63 +241,6 @@ fn binarize(image: &Volume) -> Volume {
             .map(|&v| if v > 0.0 { 1.0 } else { 0.0 })
             .collect(),
     )
-}
-
-/// Grows a binary mask by a ball of `radius_mm`, taking each axis's voxel size into account.
-fn dilate(inside: &[bool], grid: &Grid, radius_mm: f64) -> Vec<bool> {
-    let [ni, nj, nk] = grid.shape.map(|n| n as i64);
-    let size = grid.voxel_size();
-    let reach = size.map(|s| (radius_mm / s).floor() as i64);
-    let mut ball = Vec::new();
-    for dk in -reach[2]..=reach[2] {
-        for dj in -reach[1]..=reach[1] {
-            for di in -reach[0]..=reach[0] {
-                let d = [di, dj, dk];
-                let mm2: f64 = (0..3).map(|a| (d[a] as f64 * size[a]).powi(2)).sum();
-                if mm2 <= radius_mm * radius_mm {
-                    ball.push(d);
-                }
-            }
-        }
-    }
-    let at = |i: i64, j: i64, k: i64| (i + ni * (j + nj * k)) as usize;
-    let inside_at = |i: i64, j: i64, k: i64| {
-        i >= 0 && j >= 0 && k >= 0 && i < ni && j < nj && k < nk && inside[at(i, j, k)]
-    };
-
-    // Only voxels on the mask's border can add anything; stamp the ball around each.
-    // Limitation: the cost grows with border voxels times the ball's volume, so radii past
-    // ~10 mm on a 1 mm brain take seconds; a distance transform would remove that.
-    let mut out = inside.to_vec();
-    for k in 0..nk {
-        for j in 0..nj {
-            for i in 0..ni {
-                if !inside[at(i, j, k)] {
-                    continue;
-                }
-                let border = [
-                    (1, 0, 0),
-                    (-1, 0, 0),
-                    (0, 1, 0),
-                    (0, -1, 0),
-                    (0, 0, 1),
-                    (0, 0, -1),
-                ]
-                .iter()
-                .any(|&(a, b, c)| !inside_at(i + a, j + b, k + c));
-                if !border {
-                    continue;
-                }
-                for d in &ball {
-                    let (x, y, z) = (i + d[0], j + d[1], k + d[2]);
-                    if x >= 0 && y >= 0 && z >= 0 && x < ni && y < nj && z < nk {
-                        out[at(x, y, z)] = true;
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -339,27 +318,13 @@ mod tests {
             Value::Transform(Arc::new(transform)),
             Value::Scan(Arc::new(Scan::from_image(atlas))),
         ];
-        let out = run("method = \"atlas\"", &values).unwrap();
+        let out = run("method = \"atlas\"\nrefine = false", &values).unwrap();
         assert_eq!(out.image.data, [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
-        let grown = run("method = \"atlas\"\ndilate_mm = 1.0", &values).unwrap();
+        let grown = run(
+            "method = \"atlas\"\nrefine = false\ndilate_mm = 1.0",
+            &values,
+        )
+        .unwrap();
         assert_eq!(grown.image.data, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn dilation_is_a_ball_in_millimetres() {
-        let mut affine = Affine::identity();
-        affine[(2, 2)] = 2.0;
-        let grid = Grid {
-            shape: [5, 5, 5],
-            affine,
-        };
-        let mut inside = vec![false; 125];
-        inside[2 + 5 * (2 + 5 * 2)] = true;
-        let out = dilate(&inside, &grid, 2.0);
-        // 1 mm voxels along i and j reach 2 voxels; 2 mm voxels along k reach 1.
-        let at = |i: usize, j: usize, k: usize| out[i + 5 * (j + 5 * k)];
-        assert!(at(0, 2, 2) && at(4, 2, 2) && at(2, 2, 1) && at(2, 2, 3));
-        assert!(!at(2, 2, 0) && !at(0, 0, 2) && !at(1, 2, 1));
-        assert_eq!(out.iter().filter(|&&b| b).count(), 13 + 2);
     }
 }

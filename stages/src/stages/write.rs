@@ -21,7 +21,9 @@ use crate::resample::{Interp, resample};
 use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value};
 use crate::volume::{DataType, Volume};
 
-/// Parameters of a `write` node; inputs are `[segmentation]`.
+/// Parameters of a `write` node; inputs are a segmentation (writes `seg.nii.gz`,
+/// `warped_atlas.nii.gz`, optionally `field.nii.gz`) and/or a skull-stripped scan (writes its
+/// brain mask as `mask.nii.gz`), each in the subject's file geometry.
 ///
 /// ```toml
 /// [nodes.written]
@@ -52,16 +54,21 @@ pub struct Write {
 
 impl Stage for Write {
     fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
-        // Limitation: inputs other than the first segmentation are ignored, so intermediate
-        // scans cannot be saved yet; they only order this node after others.
-        let Some(seg) = inputs.find(|v| match v {
+        // Limitation: only the first segmentation and the first masked scan are written;
+        // other inputs only order this node after their nodes.
+        let seg = inputs.find(|v| match v {
             Value::Segmentation(s) => Some(s),
             _ => None,
-        }) else {
+        });
+        let masked = inputs.find(|v| match v {
+            Value::Scan(s) if s.mask.is_some() => Some(s),
+            _ => None,
+        });
+        if seg.is_none() && masked.is_none() {
             return Err(StageError::Input(
-                "write: needs a segmentation among its inputs".into(),
+                "write: needs a segmentation or a scan with a mask among its inputs".into(),
             ));
-        };
+        }
         let dir = ctx.output_dir.join(ctx.subject);
         std::fs::create_dir_all(&dir).map_err(|source| IoError::Os {
             path: dir.clone(),
@@ -69,6 +76,16 @@ impl Stage for Write {
         })?;
 
         let mut written = Vec::new();
+        if let Some(scan) = masked {
+            written.push(save(
+                &dir.join("mask.nii.gz"),
+                &mask_on_file_grid(scan),
+                DataType::Uint8,
+            )?);
+        }
+        let Some(seg) = seg else {
+            return Ok(Value::Written(Arc::new(written)));
+        };
         let labels = in_file_geometry(&seg.labels);
         let dtype = label_dtype(&labels.data);
         written.push(save(&dir.join("seg.nii.gz"), &labels, dtype)?);
@@ -102,6 +119,23 @@ fn in_file_geometry(volume: &Volume) -> Volume {
         affine: volume.header.affine,
         ..volume.clone()
     }
+}
+
+/// A scan's mask on its subject's file grid (nearest neighbour), with the file's affine.
+fn mask_on_file_grid(scan: &Arc<crate::stage::Scan>) -> Volume {
+    let native = scan.native_scan();
+    let mask = scan
+        .mask
+        .as_deref()
+        .expect("only scans with a mask are passed here");
+    let grid = native.image.grid();
+    let mut out = if mask.grid() == grid {
+        mask.clone()
+    } else {
+        resample(mask, &grid, Interp::Nearest, |p| p)
+    };
+    out.header = native.image.header.clone();
+    in_file_geometry(&out)
 }
 
 /// `int16` when every value is an integer that fits, else `int32`.
