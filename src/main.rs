@@ -84,6 +84,7 @@ fn init_logging(level: &str, bars: Option<indicatif::MultiProgress>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(ProgressWriter::new(bars))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
