@@ -474,7 +474,8 @@ fn sharpen(r: &[f32], weight: &[f32], params: &BiasParams) -> Vec<f32> {
     };
     let lo = sel().fold(f32::INFINITY, f32::min) as f64;
     let hi = sel().fold(f32::NEG_INFINITY, f32::max) as f64;
-    if !(hi > lo) {
+    // Also catches NaN bounds (nothing selected): the comparison is then false.
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return r.to_vec();
     }
     let bins = params.bins;
