@@ -298,6 +298,8 @@ pub fn bias_correct(
         )));
     }
     let keep = selection(v, mask, "mask")?;
+    // Limitation: a single coarse resolution and a Gaussian fit, where N4 refines a B-spline
+    // lattice over several levels; fields with detail finer than `smoothing_mm` remain.
     let coarse = Coarse::new(v, keep.as_deref(), params.shrink_mm)?;
     let mut log_b = vec![0.0f32; coarse.log.len()];
     let mut done = 0;

@@ -555,6 +555,8 @@ fn take_dark_band(
         .zip(data)
         .map(|(&h, &x)| !h && x as f64 > dark)
         .collect();
+    // Limitation: one fraction for the whole band; the three reference masks want 0 (colin27)
+    // to 1 (fsaverage), so no value matches all of them (see the module documentation).
     let to_hull = squared_distance(hull, shape, spacing);
     let to_bright = squared_distance(&bright, shape, spacing);
     let (alpha, cap) = (params.csf_fraction as f32, params.csf_margin_mm as f32);
