@@ -298,6 +298,8 @@ pub fn bias_correct(
         )));
     }
     let keep = selection(v, mask, "mask")?;
+    // Limitation: a single coarse resolution and a Gaussian fit, where N4 refines a B-spline
+    // lattice over several levels; fields with detail finer than `smoothing_mm` remain.
     let coarse = Coarse::new(v, keep.as_deref(), params.shrink_mm)?;
     let mut log_b = vec![0.0f32; coarse.log.len()];
     let mut done = 0;
@@ -474,7 +476,8 @@ fn sharpen(r: &[f32], weight: &[f32], params: &BiasParams) -> Vec<f32> {
     };
     let lo = sel().fold(f32::INFINITY, f32::min) as f64;
     let hi = sel().fold(f32::NEG_INFINITY, f32::max) as f64;
-    if !(hi > lo) {
+    // Also catches NaN bounds (nothing selected): the comparison is then false.
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return r.to_vec();
     }
     let bins = params.bins;

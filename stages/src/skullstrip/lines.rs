@@ -101,13 +101,13 @@ pub(crate) fn distance_line(f: &mut [f32], spacing: f64) {
     z.push(f64::INFINITY);
     let orig: Vec<f32> = v.iter().map(|&p| f[p]).collect();
     let mut k = 0;
-    for q in 0..n {
+    for (q, out) in f.iter_mut().enumerate() {
         let x = pos(q);
         while z[k + 1] < x {
             k += 1;
         }
         let d = x - pos(v[k]);
-        f[q] = (d * d + orig[k] as f64) as f32;
+        *out = (d * d + orig[k] as f64) as f32;
     }
 }
 

@@ -185,6 +185,8 @@ pub(crate) fn grow_bits(
 ) -> Vec<bool> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
+    // Limitation: 6-neighbour path lengths overstate diagonal distances (by up to √3), so
+    // the reach is direction-dependent; acceptable for a bound that only needs to stop leaks.
     let mut dist = vec![f32::INFINITY; allowed.len()];
     let mut heap = BinaryHeap::new();
     for (idx, (&s, &a)) in seed.iter().zip(allowed).enumerate() {

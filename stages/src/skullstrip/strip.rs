@@ -55,6 +55,10 @@ pub struct RefineParams {
     /// Where tissue starts, as a fraction of the way from the background level to the brain's
     /// median intensity. Default 0.45.
     pub tissue_fraction: f64,
+    /// How far (mm, along 6-connected paths through tissue) the brain may extend from white
+    /// matter: cortex, sulci and cerebellar folia, but not the orbits or neck beyond.
+    /// Default 14.
+    pub grow_mm: f64,
     /// Radius (mm) of the opening that cuts thin tissue bridges (vessels, dura, partial
     /// volume with the skull) before growing. Default 1.5.
     pub opening_mm: f64,
@@ -76,6 +80,7 @@ impl Default for RefineParams {
         RefineParams {
             search_mm: 6.0,
             tissue_fraction: 0.45,
+            grow_mm: 14.0,
             opening_mm: 1.5,
             closing_mm: 6.0,
             csf_margin_mm: 6.0,
@@ -92,10 +97,6 @@ pub struct AutoParams {
     /// Radius (mm) of the opening of the white-matter-bright voxels that cuts thin bright
     /// bridges (fat, marrow, vessels) before the largest piece is kept. Default 1.5.
     pub white_opening_mm: f64,
-    /// How far (mm, along 6-connected paths through tissue) the brain may extend from that
-    /// white matter: cortex, sulci and cerebellar folia, but not the orbits or neck beyond.
-    /// Default 14.
-    pub grow_mm: f64,
     /// The boundary refinement that follows.
     pub refine: RefineParams,
 }
@@ -104,7 +105,6 @@ impl Default for AutoParams {
     fn default() -> AutoParams {
         AutoParams {
             white_opening_mm: 1.5,
-            grow_mm: 14.0,
             refine: RefineParams::default(),
         }
     }
@@ -315,7 +315,7 @@ fn tissue_levels(
 /// Steps (the module documentation argues each): the head and, inside it, the voxels deeper
 /// than `params.refine.scalp_mm`; tissue and white-matter levels from a sphere at the head's
 /// centre of mass; the largest piece of white-matter-bright voxels after an opening of
-/// `params.white_opening_mm`; tissue reached from it within `params.grow_mm`; then the
+/// `params.white_opening_mm`; tissue reached from it within `params.refine.grow_mm`; then the
 /// boundary work of [`refine_boundary`] with `params.refine`. All distances are in mm. The
 /// work happens on the head's bounding box, so empty field of view costs little.
 ///
@@ -372,10 +372,10 @@ pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStri
             params.white_opening_mm
         )));
     }
-    let first = grow_bits(&core, &tissue, shape, spacing, params.grow_mm);
+    let first = grow_bits(&core, &tissue, shape, spacing, params.refine.grow_mm);
     let first = fill_holes_bits(&close_bits(&first, shape, spacing, 2.0), shape);
 
-    let bits = refine_bits(head, &first, &params.refine, found, Some(levels))?;
+    let bits = refine_bits(head, &first, &params.refine, found, Some(levels), true)?;
     let mask = from_bits(full, &crop.paste(&bits));
     let brain_volume_ml = mask_volume_ml(&mask);
     debug!(brain_volume_ml, "Skull stripped");
@@ -422,8 +422,8 @@ fn sphere_at_centre(head_bits: &[bool], shape: [usize; 3], spacing: [f64; 3]) ->
 ///
 /// Inside the band of `params.search_mm` around the initial outline, tissue voxels (between
 /// the levels measured inside the mask, and deeper than `params.scalp_mm` from the air) are
-/// opened by `params.opening_mm` to cut thin bridges and grown from the mask's certain core
-/// through tissue; the result is closed by `params.closing_mm` (sulci), its holes filled
+/// opened by `params.opening_mm` to cut thin bridges and grown through tissue, at most
+/// `params.grow_mm`, from the white matter of the mask's certain core; the result is closed by `params.closing_mm` (sulci), its holes filled
 /// (ventricles), and extended into the dark layer (CSF and bone) around it by
 /// `params.csf_fraction` of that layer's local thickness, at most `params.csf_margin_mm`.
 /// This is the atlas method's last step: give it the atlas mask carried onto the subject.
@@ -453,16 +453,21 @@ pub fn refine_boundary(
     let crop = Crop::around(&both, head.shape, 2).ok_or(SkullStripError::EmptyMask)?;
     let sub = crop.volume(head);
     let found = Head::new(&sub, background, crop.take(&head_bits), params.scalp_mm);
-    let refined = refine_bits(&sub, &crop.take(&bits), params, found, None)?;
+    let refined = refine_bits(&sub, &crop.take(&bits), params, found, None, false)?;
     Ok(from_bits(head, &crop.paste(&refined)))
 }
 
+/// The boundary steps shared by [`auto`] and [`refine_boundary`] on a cropped grid. Levels
+/// are measured inside `bits` unless given. A `trusted` mask (auto's own) is regrown from
+/// all of its interior; another is regrown from its interior's white matter, `grow_mm` at
+/// most.
 fn refine_bits(
     head: &Volume,
     bits: &[bool],
     params: &RefineParams,
     found: Head,
     levels: Option<Levels>,
+    trusted: bool,
 ) -> Result<Vec<bool>, SkullStripError> {
     let (shape, spacing) = (head.shape, head.voxel_size());
     let data = head.frame(0);
@@ -490,17 +495,32 @@ fn refine_bits(
         .map(|idx| outer[idx] && found.deep[idx] && is_tissue(data[idx]))
         .collect();
     let candidate = open_bits(&candidate, shape, spacing, params.opening_mm);
-    let seed: Vec<bool> = inner
+    let interior: Vec<bool> = inner
         .iter()
         .zip(&candidate)
         .map(|(&a, &c)| a && c)
         .collect();
-    let seed = if seed.contains(&true) {
-        seed
+    let grown = if trusted {
+        let seed = if interior.contains(&true) {
+            interior
+        } else {
+            candidate.clone()
+        };
+        reconstruct_bits(&seed, &candidate, shape)
     } else {
-        candidate.clone()
+        // A mask from elsewhere may overshoot into face or neck tissue that touches the
+        // brain (the blurred skull base of an average template), and growth from all of its
+        // interior would follow that tissue. So, as in `auto`, growth starts from white
+        // matter and is bounded.
+        let white: Vec<bool> = (0..data.len())
+            .map(|idx| interior[idx] && data[idx] as f64 >= levels.white)
+            .collect();
+        let seed = [white, interior]
+            .into_iter()
+            .find(|s| s.contains(&true))
+            .unwrap_or_else(|| candidate.clone());
+        grow_bits(&seed, &candidate, shape, spacing, params.grow_mm)
     };
-    let grown = reconstruct_bits(&seed, &candidate, shape);
     let brain: Vec<bool> = grown.iter().zip(&inner).map(|(&g, &i)| g || i).collect();
     let brain = largest_bits(&brain, shape);
     if !brain.contains(&true) {
@@ -535,6 +555,8 @@ fn take_dark_band(
         .zip(data)
         .map(|(&h, &x)| !h && x as f64 > dark)
         .collect();
+    // Limitation: one fraction for the whole band; the three reference masks want 0 (colin27)
+    // to 1 (fsaverage), so no value matches all of them (see the module documentation).
     let to_hull = squared_distance(hull, shape, spacing);
     let to_bright = squared_distance(&bright, shape, spacing);
     let (alpha, cap) = (params.csf_fraction as f32, params.csf_margin_mm as f32);
