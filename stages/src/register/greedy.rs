@@ -15,6 +15,8 @@
 //! moment of `∂loss/∂warped · ∇warped` (the derivative w.r.t. a right-composed update),
 //! smoothed by `update_sigma` voxels and scaled by `step` voxels.
 
+use std::time::Instant;
+
 use tch::{Kind, Tensor};
 
 use super::DeformableConfig;
@@ -24,7 +26,7 @@ use super::ops::{
     sample, scalar, spatial_gradient, world_to_normalised,
 };
 use super::pyramid::Level;
-use super::similarity::evaluate;
+use super::similarity::{FixedNcc, Loss, evaluate};
 use crate::stage::StageError;
 use crate::volume::{Affine, Grid};
 
@@ -74,10 +76,19 @@ impl Field {
     }
 }
 
-/// Moving-image sample of every voxel of a level for the field `u`.
-fn warp(level: &Level, idx: &Tensor, to_moving: &Affine, u: &Tensor) -> Result<Tensor, StageError> {
-    let pts = idx.f_add(&channels_last(u)?)?;
-    sample(&level.moving, &apply_affine(&pts, to_moving)?, false)
+/// Moving-image sample of every voxel of a level for the field `u`: `base` holds the
+/// normalised moving coordinates of the voxel centres (`to_moving` applied to the indices,
+/// computed once per level), so only the linear part acts on `u` each iteration.
+fn warp(
+    level: &Level,
+    base: &Tensor,
+    to_moving: &Affine,
+    u: &Tensor,
+) -> Result<Tensor, StageError> {
+    let mut lin = *to_moving;
+    lin.fixed_view_mut::<3, 1>(0, 3).fill(0.0);
+    let pts = apply_affine(&channels_last(u)?, &lin)?.f_add_(base)?;
+    sample(&level.moving, &pts, false)
 }
 
 /// `u ∘ (id + δ) + δ`: the displacement of `φ ∘ (id + δ)` when `φ = id + u`.
@@ -100,25 +111,37 @@ fn run_level(
     config: &DeformableConfig,
     iterations: usize,
 ) -> Result<f64, StageError> {
-    let started = std::time::Instant::now();
+    let start = Instant::now();
     let device = level.fixed.device();
     let idx = index_points(&level.grid, device)?;
     let to_moving = world_to_normalised(&level.moving_grid) * affine * level.grid.affine;
+    let base = apply_affine(&idx, &to_moving)?;
     let voxels = level.fixed.numel() as f64;
+    let ncc = match config.loss {
+        Loss::Ncc => Some(FixedNcc::new(
+            &level.fixed,
+            level.weight.as_ref(),
+            config.window,
+        )?),
+        _ => None,
+    };
     let (b1, b2) = (0.9f64, 0.999f64);
     let mut m = field.u.f_zeros_like()?;
     let mut v = field.u.f_zeros_like()?;
     let mut eps = 0.0;
     let mut history = Vec::with_capacity(iterations);
     for it in 0..iterations {
-        let warped = warp(level, &idx, &to_moving, &field.u)?;
-        let ev = evaluate(
-            config.loss,
-            &level.fixed,
-            &warped,
-            level.weight.as_ref(),
-            config.window,
-        )?;
+        let warped = warp(level, &base, &to_moving, &field.u)?;
+        let ev = match &ncc {
+            Some(ncc) => ncc.evaluate(&warped)?,
+            None => evaluate(
+                config.loss,
+                &level.fixed,
+                &warped,
+                level.weight.as_ref(),
+                config.window,
+            )?,
+        };
         history.push(ev.value);
         let g = spatial_gradient(&warped)?
             .f_mul(&ev.grad)?
@@ -130,14 +153,15 @@ fn run_level(
                     .sqrt()
                     .max(1e-30);
         }
-        m = m.f_mul_scalar(b1)?.f_add(&g.f_mul_scalar(1.0 - b1)?)?;
-        v = v
-            .f_mul_scalar(b2)?
-            .f_add(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
+        // Adam's moments, updated in place (no new volumes per iteration).
+        let _ = m.f_mul_scalar_(b1)?.f_add_(&g.f_mul_scalar(1.0 - b1)?)?;
+        let _ = v
+            .f_mul_scalar_(b2)?
+            .f_addcmul_(&g, &g.f_mul_scalar(1.0 - b2)?)?;
         let bias1 = 1.0 - b1.powi(it as i32 + 1);
         let bias2 = 1.0 - b2.powi(it as i32 + 1);
-        let denom = v.f_div_scalar(bias2)?.f_sqrt()?.f_add_scalar(eps)?;
-        let dir = m.f_div(&denom)?.f_mul_scalar(-config.step / bias1)?;
+        let denom = v.f_mul_scalar(1.0 / bias2)?.f_sqrt_()?.f_add_scalar_(eps)?;
+        let dir = m.f_div(&denom)?.f_mul_scalar_(-config.step / bias1)?;
         let delta = gaussian(&dir, [config.update_sigma; 3])?;
         let u = compose(&field.u, &delta, &idx, &level.grid)?;
         field.u = gaussian(&u, [config.field_sigma; 3])?;
@@ -150,7 +174,7 @@ fn run_level(
         factor = level.factor,
         loss = last,
         iterations = history.len(),
-        seconds = started.elapsed().as_secs_f64(),
+        seconds = start.elapsed().as_secs_f64(),
         "Deformable level done"
     );
     Ok(last)

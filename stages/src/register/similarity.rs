@@ -82,67 +82,97 @@ fn variance(x: &Tensor) -> Result<f64, StageError> {
     Ok(scalar(&x.f_var(false)?)?.max(1e-12))
 }
 
-/// Local NCC: `−Σ_c w_c · A_c² / (B_c · C_c) / Σ w`, with `A`, `B`, `C` the windowed
-/// covariance and variances (plus the floor) at centre `c`.
+/// The fixed image's side of local NCC, computed once per level: its window sums, window
+/// means and floored variances, and the weight total. Greedy iterations then box-sum only the
+/// three maps that involve the warped image (J, J², IJ) instead of five.
+pub(crate) struct FixedNcc {
+    fixed: Tensor,
+    weight: Option<Tensor>,
+    r: i64,
+    n: f64,
+    si: Tensor,
+    mean_i: Tensor,
+    b: Tensor,
+    total: f64,
+}
+
+impl FixedNcc {
+    /// Precomputes the statistics of `fixed` for windows of `window` voxels.
+    pub(crate) fn new(
+        fixed: &Tensor,
+        weight: Option<&Tensor>,
+        window: i64,
+    ) -> Result<FixedNcc, StageError> {
+        let r = (window / 2).max(1);
+        let n = ((2 * r + 1) as f64).powi(3);
+        let sums = box_sum(
+            &Tensor::f_cat(&[fixed.shallow_clone(), fixed.f_square()?], 1)?,
+            r,
+        )?;
+        let si = sums.f_narrow(1, 0, 1)?.f_contiguous()?;
+        let sii = sums.f_narrow(1, 1, 1)?;
+        let mean_i = si.f_div_scalar(n)?;
+        let b = sii
+            .f_sub(&si.f_mul(&mean_i)?)?
+            .f_clamp_min(0.0)?
+            .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(fixed)?)?;
+        Ok(FixedNcc {
+            fixed: fixed.shallow_clone(),
+            weight: weight.map(Tensor::shallow_clone),
+            r,
+            n,
+            si,
+            mean_i,
+            b,
+            total: total_weight(fixed, weight)?,
+        })
+    }
+
+    /// Local NCC: `−Σ_c w_c · A_c² / (B_c · C_c) / Σ w`, with `A`, `B`, `C` the windowed
+    /// covariance and variances (plus the floor) at centre `c`, and its exact derivative.
+    pub(crate) fn evaluate(&self, warped: &Tensor) -> Result<Evaluated, StageError> {
+        let (i, j, n, r) = (&self.fixed, warped, self.n, self.r);
+        let weight = self.weight.as_ref();
+        let sums = box_sum(
+            &Tensor::f_cat(&[j.shallow_clone(), j.f_square()?, i.f_mul(j)?], 1)?,
+            r,
+        )?;
+        let part = |c: i64| sums.f_narrow(1, c, 1);
+        let (sj, sjj, sij) = (part(0)?, part(1)?, part(2)?);
+        let mean_j = sj.f_div_scalar(n)?;
+        let a = sij.f_sub(&self.si.f_mul(&mean_j)?)?;
+        let c = sjj
+            .f_sub(&sj.f_mul(&mean_j)?)?
+            .f_clamp_min(0.0)?
+            .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(j)?)?;
+        let bc = self.b.f_mul(&c)?;
+        let cc = a.f_square()?.f_div(&bc)?;
+        let value = -scalar(&weighted(cc, weight)?.f_sum(Kind::Double)?)? / self.total;
+
+        // ∂cc_c/∂J(x) = α_c (I(x) − Ī_c) − β_c (J(x) − J̄_c) for every x in window c, with
+        // α = 2A/(BC) and β = α·A/C; summing over windows is a box sum of the coefficients.
+        let alpha = weighted(a.f_mul_scalar(2.0)?.f_div(&bc)?, weight)?;
+        let beta = alpha.f_mul(&a)?.f_div(&c)?;
+        let offset = beta.f_mul(&mean_j)?.f_sub(&alpha.f_mul(&self.mean_i)?)?;
+        let back = box_sum(&Tensor::f_cat(&[alpha, beta, offset], 1)?, r)?;
+        let grad = i
+            .f_mul(&back.f_narrow(1, 0, 1)?)?
+            .f_sub(&j.f_mul(&back.f_narrow(1, 1, 1)?)?)?
+            .f_add(&back.f_narrow(1, 2, 1)?)?
+            .f_mul_scalar(-1.0 / self.total)?;
+        Ok(Evaluated { value, grad })
+    }
+}
+
+/// Local NCC of `warped` against `fixed` (see [`FixedNcc::evaluate`]), fixed statistics
+/// included.
 pub(crate) fn local_ncc(
     fixed: &Tensor,
     warped: &Tensor,
     weight: Option<&Tensor>,
     window: i64,
 ) -> Result<Evaluated, StageError> {
-    let r = (window / 2).max(1);
-    let n = ((2 * r + 1) as f64).powi(3);
-    let (i, j) = (fixed, warped);
-    let sums = box_sum(
-        &Tensor::f_cat(
-            &[
-                i.shallow_clone(),
-                j.shallow_clone(),
-                i.f_square()?,
-                j.f_square()?,
-                i.f_mul(j)?,
-            ],
-            1,
-        )?,
-        r,
-    )?;
-    let part = |c: i64| sums.f_narrow(1, c, 1);
-    let (si, sj, sii, sjj, sij) = (part(0)?, part(1)?, part(2)?, part(3)?, part(4)?);
-    let mean_i = si.f_div_scalar(n)?;
-    let mean_j = sj.f_div_scalar(n)?;
-    let a = sij.f_sub(&si.f_mul(&mean_j)?)?;
-    let b = sii
-        .f_sub(&si.f_mul(&mean_i)?)?
-        .f_clamp_min(0.0)?
-        .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(i)?)?;
-    let c = sjj
-        .f_sub(&sj.f_mul(&mean_j)?)?
-        .f_clamp_min(0.0)?
-        .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(j)?)?;
-    let bc = b.f_mul(&c)?;
-    let cc = a.f_square()?.f_div(&bc)?;
-    let total = total_weight(fixed, weight)?;
-    let value = -scalar(&weighted(cc.shallow_clone(), weight)?.f_sum(Kind::Double)?)? / total;
-
-    // ∂cc_c/∂J(x) = α_c (I(x) − Ī_c) − β_c (J(x) − J̄_c) for every x in window c, with
-    // α = 2A/(BC) and β = α·A/C; summing over windows is a box sum of the coefficients.
-    let alpha = weighted(a.f_mul_scalar(2.0)?.f_div(&bc)?, weight)?;
-    let beta = alpha.f_mul(&a)?.f_div(&c)?;
-    let coeffs = Tensor::f_cat(
-        &[
-            alpha.shallow_clone(),
-            beta.shallow_clone(),
-            beta.f_mul(&mean_j)?.f_sub(&alpha.f_mul(&mean_i)?)?,
-        ],
-        1,
-    )?;
-    let back = box_sum(&coeffs, r)?;
-    let grad = i
-        .f_mul(&back.f_narrow(1, 0, 1)?)?
-        .f_sub(&j.f_mul(&back.f_narrow(1, 1, 1)?)?)?
-        .f_add(&back.f_narrow(1, 2, 1)?)?
-        .f_mul_scalar(-1.0 / total)?;
-    Ok(Evaluated { value, grad })
+    FixedNcc::new(fixed, weight, window)?.evaluate(warped)
 }
 
 /// Mean squared error and its derivative.
