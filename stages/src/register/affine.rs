@@ -128,6 +128,9 @@ fn axis_rotations(reflections: bool) -> Vec<Matrix3<f64>> {
     out
 }
 
+/// A gradient w.r.t. the linear part and the translation of an affine.
+type AffineGrad = (Matrix3<f64>, Vector3<f64>);
+
 /// The loss and, if asked, its gradient w.r.t. (`lin`, `t`) at one level.
 fn loss_and_grad(
     level: &Level,
@@ -136,7 +139,7 @@ fn loss_and_grad(
     loss: Loss,
     window: i64,
     with_grad: bool,
-) -> Result<(f64, Option<(Matrix3<f64>, Vector3<f64>)>), StageError> {
+) -> Result<(f64, Option<AffineGrad>), StageError> {
     let a = params.affine();
     let coords = apply_affine(world, &(world_to_normalised(&level.moving_grid) * a))?;
     let warped = sample(&level.moving, &coords, false)?;
