@@ -142,10 +142,12 @@ impl Pipeline {
             } else {
                 String::new()
             };
+            let label = format!("{}\\n({}){extra}", node.spec.name, node.spec.kind);
+            let label = label.replace('"', "\\\"");
             let _ = writeln!(
                 dot,
-                "  {:?} [label=\"{}\\n({}){}\", shape={shape}];",
-                node.spec.name, node.spec.name, node.spec.kind, extra
+                "  {:?} [label=\"{label}\", shape={shape}];",
+                node.spec.name
             );
         }
         for node in &self.nodes {

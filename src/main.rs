@@ -32,8 +32,9 @@ enum Command {
         /// Write results here instead of the pipeline's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// CPU threads for numerical work (default: all cores).
-        #[arg(long)]
+        /// CPU threads for numerical work (default: all cores; on a busy machine 1 can be
+        /// faster).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Never draw progress bars, even on a terminal.
         #[arg(long)]
@@ -100,7 +101,7 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
         }),
         Command::Graph { file } => Ok(match voxflow::load_pipeline(&file) {
             Ok(p) => {
-                print!("{}", p.to_dot());
+                emit(&p.to_dot())?;
                 ExitCode::SUCCESS
             }
             Err(errors) => report_config_errors(&errors),
@@ -176,9 +177,18 @@ fn print_outcome(outcome: &voxflow::run::RunOutcome) {
 fn inspect(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let info = voxflow_stages::io::inspect(file)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&info)?))?;
     } else {
-        println!("{}", info.to_string().trim_end());
+        emit(&format!("{}\n", info.to_string().trim_end()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a reader that stopped early (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

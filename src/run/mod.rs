@@ -278,9 +278,9 @@ fn outcome(record: Record) -> SubjectOutcome {
     });
     let seconds: f64 = record.timings.iter().map(|(_, s)| s).sum();
     match &record.failure {
-        Some((node, reason)) => {
-            warn!(subject = %record.id, node = %node, reason = %reason, "Subject failed");
-        }
+        // Logged by `step` when it happened, so a quick failure is not held behind slow
+        // subjects still in the pipeline.
+        Some(_) => {}
         None => match &scores {
             Some(s) => info!(subject = %record.id, seconds, dice_before = s.mean_before,
                 dice_after = s.mean_after, "Subject done"),
@@ -361,14 +361,19 @@ fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
         record.timings.push((spec.name.clone(), seconds));
         match result {
             Ok(Ok(value)) => record.values[node] = Some(value),
-            Ok(Err(reason)) => record.failure = Some((spec.name.clone(), reason)),
+            Ok(Err(reason)) => {
+                warn!(subject = %record.id, node = %spec.name, reason = %reason, "Subject failed");
+                record.failure = Some((spec.name.clone(), reason));
+            }
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".to_string());
-                record.failure = Some((spec.name.clone(), format!("internal error: {what}")));
+                let reason = format!("internal error: {what}");
+                warn!(subject = %record.id, node = %spec.name, reason = %reason, "Subject failed");
+                record.failure = Some((spec.name.clone(), reason));
             }
         }
     }
