@@ -2,9 +2,8 @@
 //! the real atlas–subject pair at a coarse resolution.
 //!
 //! The synthetic phantom is a set of ellipsoids of different intensities, asymmetric enough
-//! that every axis rotation of it is distinguishable. The real-data test reads the scans with
-//! `io::read_volume`; while the readers are unfinished it falls back to the raw copies in
-//! `VOXFLOW_DEV_DATA` (see `benches/register.rs`), or skips with a message.
+//! that every axis rotation of it is distinguishable. The real-data test reads the scans in
+//! `../shared/data` with `io::read_volume` and fails if it cannot.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -300,50 +299,19 @@ fn torchscript_model_displacement_is_applied_in_voxels_along_d() {
     assert!(diff < 0.3 * base, "{diff} vs {base}");
 }
 
-fn read(rel: &str, dev: &str) -> Option<Volume> {
+fn read(rel: &str) -> Volume {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/data")
         .join(rel);
-    let path = if path.exists() {
-        path
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data")
-            .join(rel)
-    };
-    if let Ok(v) = voxflow_stages::io::read_volume(&path) {
-        return Some(v);
-    }
-    let stem = Path::new(&std::env::var("VOXFLOW_DEV_DATA").ok()?).join(dev);
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).ok()?).ok()?;
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).ok()?;
-    let aff: Vec<f64> = serde_json::from_value(meta["affine"].clone()).ok()?;
-    let bytes = std::fs::read(stem.with_extension("f32")).ok()?;
-    let data = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Some(Volume::new(
-        data,
-        [shape[0], shape[1], shape[2]],
-        Affine::from_row_slice(&aff),
-    ))
+    voxflow_stages::io::read_volume(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn real_pair_at_4mm_beats_the_dice_floor() {
-    let (Some(atlas), Some(atlas_labels), Some(mut subject), Some(mut truth)) = (
-        read("fsaverage/brain.mgz", "fs_brain"),
-        read("fsaverage/aseg.mgz", "fs_aseg"),
-        read("oasis_like_subject/norm.nii.gz", "oasis_norm"),
-        read("oasis_like_subject/seg.nii.gz", "oasis_seg"),
-    ) else {
-        eprintln!(
-            "skipped: io::read_volume cannot read the data yet and VOXFLOW_DEV_DATA is unset"
-        );
-        return;
-    };
+    let atlas = read("fsaverage/brain.mgz");
+    let atlas_labels = read("fsaverage/aseg.mgz");
+    let mut subject = read("oasis_like_subject/norm.nii.gz");
+    let mut truth = read("oasis_like_subject/seg.nii.gz");
     let lia = affine_from_orientation("LIA", [1.0; 3], subject.shape, [0.0; 3]).unwrap();
     subject.affine = lia;
     truth.affine = lia;
