@@ -4,14 +4,13 @@
 //! measured, so a change that degrades the masks fails here. No head's own mask is used to
 //! strip it; the refinement tests start from its mask deliberately moved by 3 mm.
 //!
-//! Volumes are read with `voxflow_stages::io::read_volume`; while that reader is not in this
-//! tree, [`load`] falls back to a raw copy (`<name>.f32` + `<name>.json`) under
-//! `/tmp/voxflow-skull/`, and a test whose file is in neither place is skipped with a note.
+//! Volumes are read with `voxflow_stages::io::read_volume`; a file that cannot be read fails
+//! the test.
 
 use std::path::{Path, PathBuf};
 
 use voxflow_stages::skullstrip::{self, AutoParams, RefineParams};
-use voxflow_stages::volume::{Affine, Volume};
+use voxflow_stages::volume::Volume;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data");
 
@@ -19,34 +18,10 @@ fn data(rel: &str) -> PathBuf {
     Path::new(DATA).join(rel)
 }
 
-/// Reads a volume with the crate's reader, or from the `/tmp` raw copy while the reader is a
-/// placeholder.
+/// Reads a volume with the crate's reader; `Some` always (the `Option` keeps the callers'
+/// shape), a read error panics with the file and reason.
 fn load(path: &Path) -> Option<Volume> {
-    match voxflow_stages::io::read_volume(path) {
-        Ok(v) => Some(v),
-        Err(e) => load_raw(path).or_else(|| {
-            eprintln!("skipping: {e}");
-            None
-        }),
-    }
-}
-
-fn load_raw(path: &Path) -> Option<Volume> {
-    let parent = path.parent()?.file_name()?.to_str()?;
-    let name = format!("{parent}__{}", path.file_name()?.to_str()?);
-    let dir = Path::new("/tmp/voxflow-skull");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).ok()?).ok()?;
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).ok()?;
-    let rows: Vec<Vec<f64>> = serde_json::from_value(meta["affine"].clone()).ok()?;
-    let bytes = std::fs::read(dir.join(format!("{name}.f32"))).ok()?;
-    let data: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let affine = Affine::from_fn(|r, c| rows[r][c]);
-    let shape = [shape[0], shape[1], shape[2]];
-    (data.len() == shape.iter().product::<usize>()).then(|| Volume::new(data, shape, affine))
+    Some(voxflow_stages::io::read_volume(path).unwrap_or_else(|e| panic!("{e}")))
 }
 
 fn binarise(v: &Volume) -> Volume {
