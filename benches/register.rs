@@ -6,22 +6,20 @@
 //! memory it reports (`VmHWM`) belongs to that case alone. Libtorch gets two threads, the
 //! budget the peers were measured with. The device is `auto`: CUDA when libtorch sees one.
 //!
+//! The settings are those of the shipped pipelines (`pipelines/oneshot-aseg.toml` at 2 mm,
+//! `pipelines/oneshot-aseg-1mm.toml` at 1 mm).
+//!
 //! Usage: `cargo bench --bench register [-- FILTER]`, where FILTER keeps the cases whose
 //! name contains it (e.g. `2mm`, `fs->oasis`).
-//!
-//! While the file readers are unfinished, `VOXFLOW_DEV_DATA` may name a folder of raw
-//! `NAME.f32` + `NAME.json` (shape, row-major affine) copies; they are used only when
-//! `io::read_volume` fails.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use voxflow_stages::register::{RegisterConfig, register};
 use voxflow_stages::resample::{Interp, warp};
 use voxflow_stages::stage::Scan;
-use voxflow_stages::volume::{Affine, Volume, affine_from_orientation};
+use voxflow_stages::volume::{Volume, affine_from_orientation};
 
 /// The 30 standard OASIS evaluation labels.
 const LABELS: [u32; 30] = [
@@ -33,36 +31,10 @@ fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
 }
 
-/// Reads a volume with the project's reader, else from the raw development copy.
-fn read(rel: &str, dev_name: &str) -> Volume {
+/// Reads a volume of the shared data with the project's reader.
+fn read(rel: &str) -> Volume {
     let path = data_dir().join(rel);
-    match voxflow_stages::io::read_volume(&path) {
-        Ok(v) => v,
-        Err(e) => {
-            let Ok(dir) = std::env::var("VOXFLOW_DEV_DATA") else {
-                panic!("{e} (set VOXFLOW_DEV_DATA for the raw development copies)");
-            };
-            read_raw(&Path::new(&dir).join(dev_name))
-        }
-    }
-}
-
-fn read_raw(stem: &Path) -> Volume {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap())
-            .unwrap();
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).unwrap();
-    let aff: Vec<f64> = serde_json::from_value(meta["affine"].clone()).unwrap();
-    let bytes = std::fs::read(stem.with_extension("f32")).unwrap();
-    let data = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Volume::new(
-        data,
-        [shape[0], shape[1], shape[2]],
-        Affine::from_row_slice(&aff),
-    )
+    voxflow_stages::io::read_volume(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Min–max scaling to [0, 1], as the pipeline's `normalize` stage does.
@@ -78,13 +50,10 @@ fn normalise(v: &mut Volume) {
 /// An image and its labels; the OASIS scan gets its true orientation (LIA) declared.
 fn load(which: &str) -> (Volume, Volume) {
     let (mut image, mut labels) = match which {
-        "fs" => (
-            read("fsaverage/brain.mgz", "fs_brain"),
-            read("fsaverage/aseg.mgz", "fs_aseg"),
-        ),
+        "fs" => (read("fsaverage/brain.mgz"), read("fsaverage/aseg.mgz")),
         _ => (
-            read("oasis_like_subject/norm.nii.gz", "oasis_norm"),
-            read("oasis_like_subject/seg.nii.gz", "oasis_seg"),
+            read("oasis_like_subject/norm.nii.gz"),
+            read("oasis_like_subject/seg.nii.gz"),
         ),
     };
     if which != "fs" {
@@ -97,19 +66,22 @@ fn load(which: &str) -> (Volume, Volume) {
 }
 
 fn dice(truth: &Volume, pred: &Volume) -> f64 {
-    let mut scores = Vec::new();
-    for &l in &LABELS {
-        let (mut a, mut b, mut both) = (0usize, 0usize, 0usize);
-        for (&t, &p) in truth.data.iter().zip(&pred.data) {
-            let (t, p) = (t.round() as u32 == l, p.round() as u32 == l);
-            a += t as usize;
-            b += p as usize;
-            both += (t && p) as usize;
-        }
-        if a + b > 0 {
-            scores.push(2.0 * both as f64 / (a + b) as f64);
-        }
+    // One pass over the voxels, counting per label slot (the last slot: any other value).
+    let slot = |v: f32| {
+        let l = v.round() as u32;
+        LABELS.iter().position(|&x| x == l).unwrap_or(LABELS.len())
+    };
+    let (mut a, mut b, mut both) = ([0usize; 31], [0usize; 31], [0usize; 31]);
+    for (&t, &p) in truth.data.iter().zip(&pred.data) {
+        let (t, p) = (slot(t), slot(p));
+        a[t] += 1;
+        b[p] += 1;
+        both[t] += usize::from(t == p);
     }
+    let scores: Vec<f64> = (0..LABELS.len())
+        .filter(|&i| a[i] + b[i] > 0)
+        .map(|i| 2.0 * both[i] as f64 / (a[i] + b[i]) as f64)
+        .collect();
     scores.iter().sum::<f64>() / scores.len().max(1) as f64
 }
 
@@ -123,17 +95,54 @@ fn peak_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The `register` settings of the shipped pipeline for `res` (`oneshot-aseg.toml` at 2 mm,
+/// `oneshot-aseg-1mm.toml` at 1 mm), so the bench measures what users run. The environment
+/// variable `VOXFLOW_BENCH_CONFIG` may hold other settings in the same TOML form, to try a
+/// schedule without rebuilding; `resolution_mm` always comes from the case.
+fn settings(res: f64) -> RegisterConfig {
+    let text = match std::env::var("VOXFLOW_BENCH_CONFIG") {
+        Ok(text) => text,
+        Err(_) => {
+            let file = if res < 1.5 {
+                "oneshot-aseg-1mm.toml"
+            } else {
+                "oneshot-aseg.toml"
+            };
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("pipelines")
+                .join(file);
+            let pipeline: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut node = pipeline["nodes"]["register"]
+                .as_table()
+                .cloned()
+                .unwrap_or_else(|| panic!("{}: no [nodes.register]", path.display()));
+            node.remove("type");
+            node.remove("inputs");
+            toml::to_string(&node).unwrap()
+        }
+    };
+    let mut config: RegisterConfig =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("register settings: {e}"));
+    config.resolution_mm = res;
+    config
+}
+
 /// Runs one case in this process and prints its result line.
 fn run_case(moving: &str, fixed: &str, res: f64) {
-    tch::set_num_threads(2);
+    voxflow_stages::register::tune_allocator();
+    // `VOXFLOW_BENCH_THREADS` overrides the two threads (1 gives steadier CPU-time
+    // comparisons on a shared machine).
+    let threads = std::env::var("VOXFLOW_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    tch::set_num_threads(threads);
     let t0 = Instant::now();
     let (m_img, m_lab) = load(moving);
     let (f_img, f_lab) = load(fixed);
     let load_s = t0.elapsed().as_secs_f64();
-    let config = RegisterConfig {
-        resolution_mm: res,
-        ..RegisterConfig::default()
-    };
+    let config = settings(res);
     let device = config.device.resolve().unwrap();
     let t1 = Instant::now();
     let transform = register(&Scan::from_image(m_img), &Scan::from_image(f_img), &config).unwrap();
@@ -141,8 +150,6 @@ fn run_case(moving: &str, fixed: &str, res: f64) {
     let warped = warp(&m_lab, &transform, &f_lab.grid(), Interp::Nearest);
     let d = dice(&f_lab, &warped);
     let q = transform.quality;
-    let fixed_lab = Arc::new(f_lab);
-    let _ = fixed_lab;
     println!(
         "RESULT {moving}->{fixed} {res:.0}mm {device:?} load {load_s:.2} s | register {reg_s:.2} s | \
          peak {:.0} MiB | Dice {d:.4} | nonpos J {:.4} % | SDlogJ {:.4} | loss {:.4}",

@@ -61,6 +61,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    voxflow_stages::register::tune_allocator();
     let cli = Cli::parse();
     let bars = match &cli.command {
         Command::Run {

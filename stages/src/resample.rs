@@ -103,24 +103,52 @@ where
 
 /// Resamples `src` onto `target` through `transform` (target = the transform's fixed space).
 pub fn warp(src: &Volume, transform: &Transform, target: &Grid, interp: Interp) -> Volume {
-    resample(src, target, interp, |p| map_point(transform, p))
+    let mapping = Mapping::new(transform);
+    resample(src, target, interp, |p| mapping.apply(p))
 }
 
 /// Where fixed-space world point `p` lands in moving space: `affine · (p + u(p))`.
+///
+/// Outside the displacement's grid `u` takes its value at the nearest point of the grid (the
+/// registration grid may be cropped to the subject's head, and the field then continues
+/// smoothly past the crop). For many points, build a [`Mapping`] once.
 pub fn map_point(transform: &Transform, p: [f64; 3]) -> [f64; 3] {
-    let q = match &transform.displacement {
-        Some(u) => {
-            let to_u = inverse(&u.affine);
-            let v = crate::volume::apply(&to_u, p);
-            [
-                p[0] + sample(u, 0, v[0], v[1], v[2], Interp::Linear) as f64,
-                p[1] + sample(u, 1, v[0], v[1], v[2], Interp::Linear) as f64,
-                p[2] + sample(u, 2, v[0], v[1], v[2], Interp::Linear) as f64,
-            ]
-        }
-        None => p,
-    };
-    crate::volume::apply(&transform.affine, q)
+    Mapping::new(transform).apply(p)
+}
+
+/// A transform ready to map many points: [`map_point`] with the displacement grid's inverse
+/// affine computed once.
+pub struct Mapping<'a> {
+    transform: &'a Transform,
+    to_u: Affine,
+}
+
+impl<'a> Mapping<'a> {
+    /// Prepares `transform` for mapping points.
+    pub fn new(transform: &'a Transform) -> Mapping<'a> {
+        let to_u = transform
+            .displacement
+            .as_ref()
+            .map_or_else(Affine::identity, |u| inverse(&u.affine));
+        Mapping { transform, to_u }
+    }
+
+    /// Where fixed-space world point `p` lands in moving space.
+    pub fn apply(&self, p: [f64; 3]) -> [f64; 3] {
+        let q = match &self.transform.displacement {
+            Some(u) => {
+                let v = clamp_index(u.shape, crate::volume::apply(&self.to_u, p));
+                [0, 1, 2].map(|c| p[c] + f64::from(sample(u, c, v[0], v[1], v[2], Interp::Linear)))
+            }
+            None => p,
+        };
+        crate::volume::apply(&self.transform.affine, q)
+    }
+}
+
+/// A continuous voxel index moved to the nearest point inside a grid of `shape`.
+pub fn clamp_index(shape: [usize; 3], v: [f64; 3]) -> [f64; 3] {
+    [0, 1, 2].map(|a| v[a].clamp(0.0, shape[a].saturating_sub(1) as f64))
 }
 
 #[cfg(test)]

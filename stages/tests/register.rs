@@ -65,6 +65,10 @@ fn affine_only() -> RegisterConfig {
     };
     c.deformable.enabled = false;
     c.affine.levels = vec![2, 1];
+    // The phantom has the same intensities in both images, so MSE is the natural measure.
+    // Local NCC leaves it a few degrees of rotation off on this piecewise-flat image (its
+    // windows see no texture inside the blobs): up to 3 mm at the phantom's rim.
+    c.affine.loss = voxflow_stages::register::Loss::Mse;
     c
 }
 
@@ -111,7 +115,6 @@ fn rotation_case(rot: [[f64; 3]; 3], shift: [f64; 3]) {
 }
 
 #[test]
-#[ignore = "known failure: 3.1 mm max error inside the phantom, above the 2.5 mm bound"]
 fn recovers_a_translation() {
     rotation_case(
         [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
@@ -142,7 +145,7 @@ fn bump(p: [f64; 3]) -> [f64; 3] {
 }
 
 #[test]
-#[ignore = "known failure: 9.6 mm max error inside the phantom, cause not yet found"]
+#[ignore = "known failure: 4.5 mm max error inside the phantom (bump of 3.5 mm), cause not yet found"]
 fn recovers_a_smooth_deformation_and_its_inverse() {
     let g = grid();
     let fixed = image(&g, |p| p);

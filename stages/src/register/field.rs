@@ -17,7 +17,7 @@ use super::ops::{
     apply_affine, channels_last, index_points, index_to_normalised, linear, mix_channels, sample,
     scalar, spatial_gradient, world_to_normalised,
 };
-use crate::resample::{inverse, map_point};
+use crate::resample::{Mapping, inverse};
 use crate::stage::{StageError, Transform, TransformQuality};
 use crate::volume::{Affine, Grid, Volume, apply};
 
@@ -127,12 +127,13 @@ pub fn warp_labels_linear(
     ids.dedup();
     let to_src = inverse(&labels.affine);
     let [ni, nj, _] = target.shape;
+    let mapping = Mapping::new(transform);
     let coords: Vec<[f32; 3]> = (0..target.len())
         .into_par_iter()
         .map(|n| {
             let (i, j, k) = (n % ni, (n / ni) % nj, n / (ni * nj));
             let p = apply(&target.affine, [i as f64, j as f64, k as f64]);
-            let q = apply(&to_src, map_point(transform, p));
+            let q = apply(&to_src, mapping.apply(p));
             [q[0] as f32, q[1] as f32, q[2] as f32]
         })
         .collect();

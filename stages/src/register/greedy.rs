@@ -22,11 +22,12 @@ use tch::{Kind, Tensor};
 use super::DeformableConfig;
 use super::affine::converged;
 use super::ops::{
-    apply_affine, channels_last, gaussian, index_points, index_to_normalised, linear, mix_channels,
-    sample, scalar, spatial_gradient, world_to_normalised,
+    apply_affine, channels_first, channels_last, coarser_grid, gaussian, gradient_times,
+    index_points, index_to_normalised, linear, mix_channels, sample, scalar, world_to_normalised,
 };
 use super::pyramid::Level;
 use super::similarity::{FixedNcc, Loss, evaluate};
+use crate::resample::inverse;
 use crate::stage::StageError;
 use crate::volume::{Affine, Grid};
 
@@ -76,34 +77,34 @@ impl Field {
     }
 }
 
-/// Moving-image sample of every voxel of a level for the field `u`: `base` holds the
-/// normalised moving coordinates of the voxel centres (`to_moving` applied to the indices,
-/// computed once per level), so only the linear part acts on `u` each iteration.
-fn warp(
-    level: &Level,
-    base: &Tensor,
-    to_moving: &Affine,
-    u: &Tensor,
-) -> Result<Tensor, StageError> {
-    let mut lin = *to_moving;
-    lin.fixed_view_mut::<3, 1>(0, 3).fill(0.0);
-    let pts = apply_affine(&channels_last(u)?, &lin)?.f_add_(base)?;
-    sample(&level.moving, &pts, false)
-}
-
-/// `u ∘ (id + δ) + δ`: the displacement of `φ ∘ (id + δ)` when `φ = id + u`.
+/// `u ∘ (id + δ) + δ`: the displacement of `φ ∘ (id + δ)` when `φ = id + u`. `idx_n` holds the
+/// grid's voxel indices already mapped to `grid_sample` coordinates and `scale` the per-axis
+/// factor from voxels to those coordinates (the map is diagonal), so no matrix product is
+/// needed per step.
 pub(crate) fn compose(
     u: &Tensor,
     delta: &Tensor,
-    idx: &Tensor,
-    grid: &Grid,
+    idx_n: &Tensor,
+    scale: &Tensor,
 ) -> Result<Tensor, StageError> {
-    let pts = idx.f_add(&channels_last(delta)?)?;
-    let moved = sample(u, &apply_affine(&pts, &index_to_normalised(grid))?, true)?;
-    Ok(moved.f_add(delta)?)
+    let pts = channels_last(delta)?.f_mul(scale)?.f_add_(idx_n)?;
+    Ok(sample(u, &pts, true)?.f_add_(delta)?)
+}
+
+/// The per-axis factors of [`index_to_normalised`] for `grid`, as a `[3]` tensor.
+fn normalised_scale(grid: &Grid, device: tch::Device) -> Result<Tensor, StageError> {
+    let n = index_to_normalised(grid);
+    let s = [n[(0, 0)] as f32, n[(1, 1)] as f32, n[(2, 2)] as f32];
+    Ok(Tensor::f_from_slice(&s)?.f_to_device(device)?)
 }
 
 /// Runs the greedy optimisation at one level, updating `field` in place; returns the loss.
+///
+/// The similarity is evaluated on the level's grid; the field may live on a grid `f` times
+/// coarser (`field.grid`, see [`DeformableConfig::field_shrink`]). Each step then upsamples
+/// the field (trilinear), samples the moving image, and carries the voxel-wise derivative
+/// back to the field's grid by `f`×`f`×`f` block means; Adam, the Gaussians and the
+/// composition all run on the coarse grid, which is where most of a step's passes are.
 fn run_level(
     level: &Level,
     affine: &Affine,
@@ -113,10 +114,40 @@ fn run_level(
 ) -> Result<f64, StageError> {
     let start = Instant::now();
     let device = level.fixed.device();
-    let idx = index_points(&level.grid, device)?;
-    let to_moving = world_to_normalised(&level.moving_grid) * affine * level.grid.affine;
-    let base = apply_affine(&idx, &to_moving)?;
-    let voxels = level.fixed.numel() as f64;
+    // Moving `grid_sample` coordinates of the field's voxel centres, and the linear map from a
+    // field-voxel displacement to a shift of those coordinates.
+    let to_moving = world_to_normalised(&level.moving_grid) * affine * field.grid.affine;
+    let base = channels_first(&apply_affine(
+        &index_points(&field.grid, device)?,
+        &to_moving,
+    )?)?;
+    let to_sample = linear(&to_moving);
+    let shrink = shrink_factor(&level.grid, &field.grid);
+    // Trilinear upsampling of the sample points themselves: exact for the affine part inside
+    // the grid; the outermost half field-voxel takes the edge value (background margin).
+    let upsample = |x: &Tensor| -> Result<Tensor, StageError> {
+        if shrink == 1 {
+            return Ok(x.shallow_clone());
+        }
+        let [ni, nj, nk] = level.grid.shape.map(|n| n as i64);
+        let f = f64::from(shrink);
+        Ok(x.f_upsample_trilinear3d([nk, nj, ni], false, f, f, f)?)
+    };
+    let to_level = linear(&inverse(&level.grid.affine)) * linear(&field.grid.affine);
+    let pool = |x: Tensor| -> Result<Tensor, StageError> {
+        if shrink == 1 {
+            return Ok(x);
+        }
+        let f = i64::from(shrink);
+        let pooled = x.f_avg_pool3d([f; 3], [f; 3], [0; 3], true, false, None::<i64>)?;
+        // Derivative w.r.t. field-voxel displacements: the level-voxel one turned by `to_level`ᵀ.
+        mix_channels(&pooled, &to_level.transpose())
+    };
+    let idx_n = apply_affine(
+        &index_points(&field.grid, device)?,
+        &index_to_normalised(&field.grid),
+    )?;
+    let scale = normalised_scale(&field.grid, device)?;
     let ncc = match config.loss {
         Loss::Ncc => Some(FixedNcc::new(
             &level.fixed,
@@ -131,7 +162,9 @@ fn run_level(
     let mut eps = 0.0;
     let mut history = Vec::with_capacity(iterations);
     for it in 0..iterations {
-        let warped = warp(level, &base, &to_moving, &field.u)?;
+        let pts = upsample(&mix_channels(&field.u, &to_sample)?.f_add_(&base)?)?;
+        // A channels-last view: `grid_sample` reads it through its strides, no copy.
+        let warped = sample(&level.moving, &channels_last(&pts)?, false)?;
         let ev = match &ncc {
             Some(ncc) => ncc.evaluate(&warped)?,
             None => evaluate(
@@ -142,10 +175,7 @@ fn run_level(
                 config.window,
             )?,
         };
-        history.push(ev.value);
-        let g = spatial_gradient(&warped)?
-            .f_mul(&ev.grad)?
-            .f_mul_scalar(voxels)?;
+        let g = pool(gradient_times(&warped, &ev.grad)?)?;
         if it == 0 {
             // Adam's floor relative to the gradient's scale, so flat background stays still.
             eps = 1e-2
@@ -153,18 +183,20 @@ fn run_level(
                     .sqrt()
                     .max(1e-30);
         }
-        // Adam's moments, updated in place (no new volumes per iteration).
-        let _ = m.f_mul_scalar_(b1)?.f_add_(&g.f_mul_scalar(1.0 - b1)?)?;
-        let _ = v
-            .f_mul_scalar_(b2)?
-            .f_addcmul_(&g, &g.f_mul_scalar(1.0 - b2)?)?;
+        // Adam's moments as running averages, in place.
+        let _ = m.f_lerp_(&g, 1.0 - b1)?;
+        let _ = v.f_lerp_(&g.f_square()?, 1.0 - b2)?;
         let bias1 = 1.0 - b1.powi(it as i32 + 1);
-        let bias2 = 1.0 - b2.powi(it as i32 + 1);
-        let denom = v.f_mul_scalar(1.0 / bias2)?.f_sqrt_()?.f_add_scalar_(eps)?;
-        let dir = m.f_div(&denom)?.f_mul_scalar_(-config.step / bias1)?;
+        let bias2 = (1.0 - b2.powi(it as i32 + 1)).sqrt();
+        // m̂ / (√v̂ + ε) · (−step) = m / (√v + ε·√b₂) · (−step·√b₂ / b₁).
+        let mut denom = v.f_sqrt()?;
+        let _ = denom.f_add_scalar_(eps * bias2)?;
+        let mut dir = m.f_div(&denom)?;
+        let _ = dir.f_mul_scalar_(-config.step * bias2 / bias1)?;
         let delta = gaussian(&dir, [config.update_sigma; 3])?;
-        let u = compose(&field.u, &delta, &idx, &level.grid)?;
+        let u = compose(&field.u, &delta, &idx_n, &scale)?;
         field.u = gaussian(&u, [config.field_sigma; 3])?;
+        history.push(ev.value);
         if converged(&history, config.tolerance) {
             break;
         }
@@ -172,12 +204,33 @@ fn run_level(
     let last = history.last().copied().unwrap_or(f64::NAN);
     tracing::debug!(
         factor = level.factor,
+        shrink,
+        voxels = level.fixed.numel(),
         loss = last,
         iterations = history.len(),
         seconds = start.elapsed().as_secs_f64(),
         "Deformable level done"
     );
     Ok(last)
+}
+
+/// How many times coarser `coarse` is than `fine` (1 when they are the same grid).
+fn shrink_factor(fine: &Grid, coarse: &Grid) -> u32 {
+    if fine == coarse {
+        return 1;
+    }
+    let ratio = coarse.voxel_size()[0] / fine.voxel_size()[0];
+    ratio.round().max(1.0) as u32
+}
+
+/// The grid a level's field lives on: `shrink` times coarser than the level's, unless that
+/// would leave fewer than 8 voxels along an axis.
+fn field_grid(grid: &Grid, shrink: u32) -> Grid {
+    let f = shrink.max(1);
+    if f == 1 || grid.shape.iter().any(|&n| n < 8 * f as usize) {
+        return *grid;
+    }
+    coarser_grid(grid, [f64::from(f); 3])
 }
 
 /// Optimises a displacement on the levels (given coarse to fine, with `config.iterations` in
@@ -193,10 +246,11 @@ pub(crate) fn deform(
     let Some(first) = levels.first() else {
         return Err(StageError::Input("no deformable levels configured".into()));
     };
-    let mut field = Field::zeros(&first.grid, first.fixed.device())?;
+    let on = |level: &Level| field_grid(&level.grid, config.field_shrink);
+    let mut field = Field::zeros(&on(first), first.fixed.device())?;
     let mut loss = f64::NAN;
     for (level, &iters) in levels.iter().zip(&config.iterations) {
-        field = field.resampled(&level.grid)?;
+        field = field.resampled(&on(level))?;
         loss = run_level(level, affine, &mut field, config, iters)?;
     }
     Ok((field, loss))

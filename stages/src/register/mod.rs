@@ -10,7 +10,7 @@
 //! 2. [`affine`]: centres of mass and principal axes, a search over axis rotations, then
 //!    rigid and affine refinement, coarse to fine (NCC, MSE or MI);
 //! 3. [`greedy`]: diffeomorphic greedy composition with Gaussian-smoothed updates and field,
-//!    local NCC computed with cumulative box sums, coarse to fine, with early stopping — or,
+//!    local NCC computed with separable box sums, coarse to fine, with early stopping — or,
 //!    when `model` is set, one forward pass of a TorchScript network ([`learned`]);
 //! 4. [`field`]: Jacobian statistics, the inverse mapping by fixed-point iteration, and
 //!    label transfer by one-hot linear interpolation ([`warp_labels_linear`]).
@@ -44,13 +44,32 @@ pub use similarity::Loss;
 
 use crate::registry::{BuildError, StageConfig};
 use crate::stage::{Context, Inputs, Scan, Stage, StageError, StageKind, Transform, Value};
-use crate::volume::{Affine, Grid};
+use crate::volume::{Affine, Grid, Volume};
 use greedy::Field;
 use ops::{
     apply_affine, grid_with_spacing, index_points, resample_grid, sample, tensor_volume,
     volume_tensor, world_to_normalised,
 };
 use pyramid::OnGrid;
+
+/// Makes glibc keep freed memory for reuse instead of handing large blocks back to the
+/// kernel; call it once, early in `main`, before other threads start.
+///
+/// Every registration step allocates tensors of tens of megabytes (a 1 mm field is about
+/// 80 MB). By default glibc serves those with fresh `mmap`s and unmaps them on free, so each
+/// step pays page faults and the kernel zeroing every page: about 40 % of a 1 mm iteration
+/// on a CPU. With `mmap` off and a high trim threshold the same blocks are reused step after
+/// step. The cost: the process keeps its peak heap until it exits. No effect on CUDA memory
+/// or on other C libraries.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets allocator parameters; it is called before other threads
+    // allocate (the caller's contract), and failure leaves the defaults in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
 
 /// Where the tensors live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -86,7 +105,9 @@ impl DeviceChoice {
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AffineConfig {
-    /// Shrink factors relative to the registration grid, coarse to fine.
+    /// Shrink factors relative to the registration grid, coarse to fine. Empty (the default):
+    /// the factors that give 8 mm and 4 mm grids, whatever `resolution_mm` is — an affine
+    /// needs no finer detail, and at 1 mm a 2 mm affine level would cost more than the rest.
     pub levels: Vec<u32>,
     /// Iterations per level (for the rigid pass, then again for the affine pass).
     pub iterations: Vec<usize>,
@@ -107,7 +128,7 @@ pub struct AffineConfig {
 impl Default for AffineConfig {
     fn default() -> AffineConfig {
         AffineConfig {
-            levels: vec![4, 2],
+            levels: Vec::new(),
             iterations: vec![100, 50],
             loss: Loss::Ncc,
             window: 5,
@@ -141,6 +162,11 @@ pub struct DeformableConfig {
     pub window: i64,
     /// Stop a level when the loss improved by less than this (relative) over 10 iterations.
     pub tolerance: f64,
+    /// The field lives on a grid this many times coarser than each level's images (1: the
+    /// same grid). The similarity still sees every voxel; the field's own work (Adam, the
+    /// Gaussians, the composition) shrinks by the cube of it. A displacement is smooth at the
+    /// scale of a few voxels anyway, so 2 costs little accuracy.
+    pub field_shrink: u32,
 }
 
 impl Default for DeformableConfig {
@@ -148,13 +174,14 @@ impl Default for DeformableConfig {
         DeformableConfig {
             enabled: true,
             levels: vec![4, 2, 1],
-            iterations: vec![200, 100, 50],
+            iterations: vec![200, 100, 10],
             loss: Loss::Ncc,
             step: 0.25,
-            update_sigma: 1.0,
-            field_sigma: 0.5,
+            update_sigma: 0.7,
+            field_sigma: 0.35,
             window: 5,
             tolerance: 1e-4,
+            field_shrink: 2,
         }
     }
 }
@@ -194,6 +221,28 @@ impl Default for RegisterConfig {
 }
 
 impl RegisterConfig {
+    /// The affine shrink factors: `affine.levels`, or those giving grids of 8 and 4 mm.
+    pub fn affine_levels(&self) -> Vec<u32> {
+        if !self.affine.levels.is_empty() {
+            return self.affine.levels.clone();
+        }
+        let res = if self.resolution_mm > 0.0 {
+            self.resolution_mm
+        } else {
+            1.0
+        };
+        let mut levels: Vec<u32> = [8.0, 4.0]
+            .map(|mm: f64| (mm / res).round().max(1.0) as u32)
+            .to_vec();
+        levels.dedup();
+        // As many levels as iterations were given (at least one), coarsest first.
+        levels.resize(
+            self.affine.iterations.len().max(1),
+            *levels.last().unwrap_or(&1),
+        );
+        levels
+    }
+
     /// Checks the settings make sense together; returns every problem found.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -204,10 +253,13 @@ impl RegisterConfig {
             ));
         }
         let a = &self.affine;
-        if a.levels.is_empty() || a.levels.len() != a.iterations.len() {
-            out.push(
-                "affine.levels and affine.iterations must be non-empty and equally long".into(),
-            );
+        if a.iterations.is_empty() || a.iterations.len() != self.affine_levels().len() {
+            out.push(format!(
+                "affine.levels ({} given) and affine.iterations ({} given) must be equally long \
+                 (levels may be left out for 8 and 4 mm)",
+                a.levels.len(),
+                a.iterations.len()
+            ));
         }
         let d = &self.deformable;
         if d.enabled && (d.levels.is_empty() || d.levels.len() != d.iterations.len()) {
@@ -215,6 +267,9 @@ impl RegisterConfig {
                 "deformable.levels and deformable.iterations must be non-empty and equally long"
                     .into(),
             );
+        }
+        if d.field_shrink == 0 {
+            out.push("deformable.field_shrink must be at least 1".into());
         }
         if a.levels.iter().chain(&d.levels).any(|&f| f == 0) {
             out.push("level factors must be at least 1".into());
@@ -328,18 +383,67 @@ fn robust_max(data: &[f32]) -> f32 {
     if *v > 0.0 { *v } else { 1.0 }
 }
 
-/// A scan's image, scaled to a robust maximum of 1 and resampled to `spacing` mm.
+/// Voxels above this fraction of the robust maximum count as foreground when cropping.
+const FOREGROUND_FRACTION: f32 = 0.02;
+/// Millimetres of background kept around the foreground when cropping.
+const CROP_MARGIN_MM: f64 = 12.0;
+
+/// The voxel box `[lo, hi)` along each axis holding every voxel above `threshold` of frame 0,
+/// grown by `CROP_MARGIN_MM` and kept inside the image; the whole image when none is above.
+fn foreground_box(image: &Volume, threshold: f32) -> ([usize; 3], [usize; 3]) {
+    let [ni, nj, _] = image.shape;
+    let mut lo = image.shape;
+    let mut hi = [0usize; 3];
+    for (n, &v) in image.frame(0).iter().enumerate() {
+        if v > threshold {
+            let at = [n % ni, (n / ni) % nj, n / (ni * nj)];
+            for a in 0..3 {
+                lo[a] = lo[a].min(at[a]);
+                hi[a] = hi[a].max(at[a] + 1);
+            }
+        }
+    }
+    if (0..3).any(|a| lo[a] >= hi[a]) {
+        return ([0; 3], image.shape);
+    }
+    let size = image.grid().voxel_size();
+    for a in 0..3 {
+        let margin = (CROP_MARGIN_MM / size[a].max(1e-6)).ceil() as usize;
+        lo[a] = lo[a].saturating_sub(margin);
+        hi[a] = (hi[a] + margin).min(image.shape[a]);
+    }
+    (lo, hi)
+}
+
+/// A scan's image, scaled to a robust maximum of 1, cropped to its foreground (plus a margin)
+/// and resampled to `spacing` mm. Cropping spares every later step the empty background of
+/// large fields of view (a 256³ FreeSurfer volume is three quarters air).
 fn prepare(scan: &Scan, spacing: f64, device: Device) -> Result<OnGrid, StageError> {
     let image = &scan.image;
     if image.is_empty() {
         return Err(StageError::Data("empty image".into()));
     }
     let scale = robust_max(&image.data);
-    let t = volume_tensor(image, device)?
+    let (lo, hi) = foreground_box(image, scale * FOREGROUND_FRACTION);
+    let mut t = volume_tensor(image, device)?;
+    // Tensor dims 4, 3, 2 are volume axes i, j, k.
+    for a in 0..3 {
+        t = t.f_narrow(4 - a as i64, lo[a] as i64, (hi[a] - lo[a]) as i64)?;
+    }
+    let t = t
         .f_nan_to_num(0.0, 0.0, 0.0)?
         .f_div_scalar(f64::from(scale))?;
-    let grid = grid_with_spacing(&image.grid(), spacing);
-    let resampled = resample_grid(&t, &image.grid(), &grid, false)?;
+    let shift = Affine::new_translation(&nalgebra::Vector3::new(
+        lo[0] as f64,
+        lo[1] as f64,
+        lo[2] as f64,
+    ));
+    let cropped = Grid {
+        shape: [0, 1, 2].map(|a| hi[a] - lo[a]),
+        affine: image.affine * shift,
+    };
+    let grid = grid_with_spacing(&cropped, spacing);
+    let resampled = resample_grid(&t, &cropped, &grid, false)?;
     Ok(OnGrid {
         image: resampled,
         grid,
@@ -368,7 +472,8 @@ fn run(
     let fixed_on = prepare(fixed, config.resolution_mm, device)?;
     let moving_on = prepare(moving, config.resolution_mm, device)?;
     let weight = mask_weight(fixed, &fixed_on.grid, device)?;
-    let mut factors = config.affine.levels.clone();
+    let affine_levels = config.affine_levels();
+    let mut factors = affine_levels.clone();
     if config.deformable.enabled && model.is_none() {
         factors.extend(&config.deformable.levels);
     }
@@ -377,7 +482,7 @@ fn run(
     let pick = |fs: &[u32]| fs.iter().filter_map(|f| levels.get(f)).collect::<Vec<_>>();
     let prepared = start.elapsed().as_secs_f64();
 
-    let affine = affine::align(&pick(&config.affine.levels), &config.affine)?;
+    let affine = affine::align(&pick(&affine_levels), &config.affine)?;
     let aligned = start.elapsed().as_secs_f64();
     let reg = &levels[&1];
     let (field, loss) = if let Some(model) = model {

@@ -5,11 +5,11 @@
 //! returned here by the warped image's spatial gradient (chain rule by hand), which costs a
 //! few element-wise passes instead of an autograd graph over the whole volume.
 //!
-//! - Local NCC uses five box-summed maps (I, J, I², J², IJ) and, for the exact derivative,
-//!   three more box sums of per-window coefficients (the box filter is its own adjoint). The
-//!   variance floor is a fraction of each image's global variance, so the measure behaves
-//!   the same on images in [0, 1], [0, 255] or z-scores — a fixed floor (as in FireANTs) makes
-//!   the measure collapse on images in [0, 1].
+//! - Local NCC uses five box-summed maps (I, J, I², J², IJ; separable box sums) and, for the
+//!   exact derivative, three more box sums of per-window coefficients (the box filter is its
+//!   own adjoint). The variance floor is a fraction of each image's global variance, so the
+//!   measure behaves the same on images in [0, 1], [0, 255] or z-scores — a fixed floor (as
+//!   in FireANTs) makes the measure collapse on images in [0, 1].
 //! - MSE is the mean squared difference; it assumes intensities on one scale, which the
 //!   caller arranges by robust normalisation.
 //! - MI uses Parzen-window histograms; its derivative comes from autograd on the metric alone

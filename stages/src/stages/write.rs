@@ -158,7 +158,12 @@ fn label_dtype(data: &[f32]) -> DataType {
 fn field_on_file_grid(seg: &Segmentation) -> Option<Volume> {
     let u = seg.transform.displacement.as_ref()?;
     let grid = seg.labels.grid();
-    let mut field = resample(u, &grid, Interp::Linear, |p| p);
+    // Past the displacement's own grid it continues with its edge values, as in `map_point`.
+    let to_u = crate::resample::inverse(&u.affine);
+    let mut field = resample(u, &grid, Interp::Linear, |p| {
+        let v = crate::resample::clamp_index(u.shape, crate::volume::apply(&to_u, p));
+        crate::volume::apply(&u.affine, v)
+    });
     field.header = seg.labels.header.clone();
     field.affine = seg.labels.header.affine;
 
