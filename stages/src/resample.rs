@@ -137,13 +137,48 @@ impl<'a> Mapping<'a> {
     pub fn apply(&self, p: [f64; 3]) -> [f64; 3] {
         let q = match &self.transform.displacement {
             Some(u) => {
-                let v = clamp_index(u.shape, crate::volume::apply(&self.to_u, p));
-                [0, 1, 2].map(|c| p[c] + f64::from(sample(u, c, v[0], v[1], v[2], Interp::Linear)))
+                let d = sample_vector(u, clamp_index(u.shape, crate::volume::apply(&self.to_u, p)));
+                [0, 1, 2].map(|c| p[c] + d[c])
             }
             None => p,
         };
         crate::volume::apply(&self.transform.affine, q)
     }
+}
+
+/// The three frames of `u` at continuous voxel `v` (inside the grid), trilinear: the weights
+/// and corners are found once for all three.
+fn sample_vector(u: &Volume, v: [f64; 3]) -> [f64; 3] {
+    let [ni, nj, nk] = u.shape;
+    let n = u.len();
+    let base = v.map(|x| x.floor());
+    let frac = [0, 1, 2].map(|a| v[a] - base[a]);
+    let lo = base.map(|x| x as usize);
+    let hi = [lo[0] + 1, lo[1] + 1, lo[2] + 1];
+    let limit = [ni, nj, nk];
+    let mut out = [0.0f64; 3];
+    for corner in 0..8usize {
+        let pick = [corner & 1, corner >> 1 & 1, corner >> 2 & 1];
+        let mut w = 1.0;
+        let mut at = [0usize; 3];
+        for a in 0..3 {
+            if pick[a] == 1 {
+                w *= frac[a];
+                at[a] = hi[a].min(limit[a] - 1);
+            } else {
+                w *= 1.0 - frac[a];
+                at[a] = lo[a];
+            }
+        }
+        if w == 0.0 {
+            continue;
+        }
+        let idx = at[0] + ni * (at[1] + nj * at[2]);
+        for (c, o) in out.iter_mut().enumerate() {
+            *o += w * f64::from(u.data[c * n + idx]);
+        }
+    }
+    out
 }
 
 /// A continuous voxel index moved to the nearest point inside a grid of `shape`.

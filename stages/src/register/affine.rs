@@ -7,6 +7,8 @@
 //! suits them all. The rigid phase projects `L` back onto `s₀·R·rotation` after every step
 //! (polar decomposition), `s₀` being the isotropic scale the second moments suggest.
 //!
+//! Rigid refinement runs on every level but the finest, then affine refinement on all.
+//!
 //! Initialisation tries the header alignment, the principal-axes rotation (four sign
 //! choices) and all 24 axis-aligned rotations about the centres of mass, scores each at the
 //! coarsest level, refines the best few briefly and keeps the winner: this recovers 90° and
@@ -21,10 +23,10 @@ use tch::{Kind, Tensor};
 
 use super::AffineConfig;
 use super::ops::{
-    apply_affine, index_points, linear, sample, scalar, spatial_gradient, world_to_normalised,
+    apply_affine, gradient_times, index_points, linear, sample, scalar, world_to_normalised,
 };
 use super::pyramid::Level;
-use super::similarity::{Loss, evaluate};
+use super::similarity::{Evaluated, FixedNcc, Loss, evaluate};
 use crate::stage::StageError;
 use crate::volume::Affine;
 
@@ -128,6 +130,31 @@ fn axis_rotations(reflections: bool) -> Vec<Matrix3<f64>> {
     out
 }
 
+/// A similarity measure set up for one level: local NCC keeps the fixed image's window
+/// statistics, computed once instead of at every step.
+enum Measure {
+    Ncc(FixedNcc),
+    Other(Loss, i64),
+}
+
+impl Measure {
+    fn new(level: &Level, loss: Loss, window: i64) -> Result<Measure, StageError> {
+        Ok(match loss {
+            Loss::Ncc => Measure::Ncc(FixedNcc::new(&level.fixed, level.weight.as_ref(), window)?),
+            other => Measure::Other(other, window),
+        })
+    }
+
+    fn evaluate(&self, level: &Level, warped: &Tensor) -> Result<Evaluated, StageError> {
+        match self {
+            Measure::Ncc(ncc) => ncc.evaluate(warped),
+            Measure::Other(loss, window) => {
+                evaluate(*loss, &level.fixed, warped, level.weight.as_ref(), *window)
+            }
+        }
+    }
+}
+
 /// The derivative of the loss w.r.t. (`lin`, `t`).
 type Gradient = (Matrix3<f64>, Vector3<f64>);
 
@@ -136,19 +163,18 @@ fn loss_and_grad(
     level: &Level,
     world: &Tensor,
     params: &Params,
-    loss: Loss,
-    window: i64,
+    measure: &Measure,
     with_grad: bool,
 ) -> Result<(f64, Option<Gradient>), StageError> {
     let a = params.affine();
     let coords = apply_affine(world, &(world_to_normalised(&level.moving_grid) * a))?;
     let warped = sample(&level.moving, &coords, false)?;
-    let ev = evaluate(loss, &level.fixed, &warped, level.weight.as_ref(), window)?;
+    let ev = measure.evaluate(level, &warped)?;
     if !with_grad {
         return Ok((ev.value, None));
     }
     // Row vectors: ∇M(q)ᵀ = ∇ₓWᵀ · (A_lin F_lin)⁻¹.
-    let g_x = spatial_gradient(&warped)?.f_mul(&ev.grad)?;
+    let g_x = gradient_times(&warped, &ev.grad)?;
     let to_q = (linear(&a) * linear(&level.grid.affine))
         .try_inverse()
         .ok_or_else(|| StageError::Data("affine became singular".into()))?;
@@ -203,14 +229,16 @@ fn optimise(
         &index_points(&level.grid, level.fixed.device())?,
         &level.grid.affine,
     )?;
+    let start = std::time::Instant::now();
     let spacing = level.grid.voxel_size().iter().sum::<f64>() / 3.0;
     let (b1, b2) = (0.9f64, 0.999f64);
     let mut m = [0.0f64; 12];
     let mut v = [0.0f64; 12];
     let mut history = Vec::with_capacity(iterations);
     let mut value = f64::NAN;
+    let measure = Measure::new(level, config.loss, config.window)?;
     for it in 0..iterations {
-        let (loss, grad) = loss_and_grad(level, &world, params, config.loss, config.window, true)?;
+        let (loss, grad) = loss_and_grad(level, &world, params, &measure, true)?;
         value = loss;
         history.push(loss);
         let Some((g_lin, g_t)) = grad else { break };
@@ -246,6 +274,7 @@ fn optimise(
         rigid = rigid.is_some(),
         loss = value,
         iterations = history.len(),
+        seconds = start.elapsed().as_secs_f64(),
         "Affine level done"
     );
     Ok(value)
@@ -302,8 +331,9 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
         &coarsest.grid.affine,
     )?;
     let mut scored = Vec::with_capacity(candidates.len());
+    let measure = Measure::new(coarsest, config.loss, config.window)?;
     for p in candidates {
-        let (value, _) = loss_and_grad(coarsest, &world, &p, config.loss, config.window, false)?;
+        let (value, _) = loss_and_grad(coarsest, &world, &p, &measure, false)?;
         scored.push((value, p));
     }
     scored.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -326,7 +356,10 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
         ));
     };
     tracing::debug!(loss = value, "Affine initialisation chosen");
-    for (level, &iters) in levels.iter().zip(&config.iterations) {
+    // Rigid on every level but the finest (whose small corrections the affine pass makes
+    // anyway, at the finest level's cost once instead of twice), then affine on all.
+    let rigid_levels = levels.len().saturating_sub(1).max(1);
+    for (level, &iters) in levels.iter().zip(&config.iterations).take(rigid_levels) {
         optimise(level, &mut params, config, iters, Some(scale))?;
     }
     for (level, &iters) in levels.iter().zip(&config.iterations) {

@@ -478,6 +478,7 @@ fn run(
         factors.extend(&config.deformable.levels);
     }
     factors.push(1);
+    let resampled = start.elapsed().as_secs_f64();
     let levels = pyramid::build(&fixed_on, weight.as_ref(), &moving_on, &factors)?;
     let pick = |fs: &[u32]| fs.iter().filter_map(|f| levels.get(f)).collect::<Vec<_>>();
     let prepared = start.elapsed().as_secs_f64();
@@ -504,6 +505,7 @@ fn run(
     let deformed = start.elapsed().as_secs_f64();
     let result = finish(field, affine, loss, reg, &moving_on.grid, config.inverse)?;
     tracing::debug!(
+        resampled,
         prepared,
         aligned,
         deformed,

@@ -114,6 +114,10 @@ pub(crate) fn sample(image: &Tensor, coords: &Tensor, border: bool) -> Result<Te
 
 /// Resamples `image` from `src` onto `dst` (world-aligned, trilinear, zeros outside), after a
 /// Gaussian blur of σ = ratio/2 source voxels along each axis the target grid is coarser in.
+///
+/// When `dst` is `src` shrunk by whole factors ([`coarser_grid`]), each target voxel is the
+/// mean of the block of source voxels it covers instead: one pass, and the usual pyramid
+/// filter. Blocks cut by the far edge average the voxels they hold.
 pub(crate) fn resample_grid(
     image: &Tensor,
     src: &Grid,
@@ -124,10 +128,14 @@ pub(crate) fn resample_grid(
         return Ok(image.shallow_clone());
     }
     let (vs, vd) = (src.voxel_size(), dst.voxel_size());
-    let sigma = [0, 1, 2].map(|a| {
-        let ratio = vd[a] / vs[a];
-        if ratio > 1.01 { 0.5 * ratio } else { 0.0 }
-    });
+    let ratio = [0, 1, 2].map(|a| vd[a] / vs[a]);
+    let whole = ratio.map(|r| r.round().max(1.0));
+    if (0..3).all(|a| (ratio[a] - whole[a]).abs() < 1e-6) && coarser_grid(src, whole) == *dst {
+        // Kernel sizes in tensor order (k, j, i).
+        let f = [whole[2], whole[1], whole[0]].map(|v| v as i64);
+        return Ok(image.f_avg_pool3d(f, f, [0; 3], true, false, None::<i64>)?);
+    }
+    let sigma = ratio.map(|r| if r > 1.01 { 0.5 * r } else { 0.0 });
     let blurred = gaussian(image, sigma)?;
     let pts = index_points(dst, image.device())?;
     let to_src = world_to_normalised(src) * dst.affine;
