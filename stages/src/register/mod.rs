@@ -176,7 +176,7 @@ impl Default for DeformableConfig {
             levels: vec![4, 2, 1],
             iterations: vec![200, 100, 10],
             loss: Loss::Ncc,
-            step: 0.25,
+            step: 0.35,
             update_sigma: 0.7,
             field_sigma: 0.35,
             window: 5,
