@@ -6,7 +6,6 @@
 //! `../shared/data` with `io::read_volume` and fails if it cannot.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use voxflow_stages::register::{RegisterConfig, register, warp_labels_linear};
 use voxflow_stages::resample::{Interp, map_point, resample, warp};
@@ -347,6 +346,6 @@ fn real_pair_at_4mm_beats_the_dice_floor() {
         total += 2.0 * both as f64 / (a + b).max(1) as f64;
     }
     let dice = total / labels.len() as f64;
-    let _ = Arc::new(dice);
-    assert!(dice > 0.60, "mean Dice {dice}");
+    // Measured 0.706 at 4 mm; the floor sits a little under it.
+    assert!(dice > 0.68, "mean Dice {dice}");
 }
