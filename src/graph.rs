@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use voxflow_stages::registry::{self, BuildError};
-use voxflow_stages::stage::Stage;
+use voxflow_stages::stage::{InputSpec, Stage};
 
 use crate::config::{ConfigError, ConfigErrors, NodeSpec, PipelineFile, Settings};
 
@@ -52,7 +52,11 @@ impl Pipeline {
         let mut errors = Vec::new();
         let mut stages = Vec::with_capacity(file.nodes.len());
         for node in &file.nodes {
-            stages.push(build_stage(&file, node, &mut errors));
+            let stage = build_stage(&file, node, &mut errors);
+            if let Some(spec) = stage.as_ref().and_then(|s| s.inputs()) {
+                check_input_count(&file, node, spec, &mut errors);
+            }
+            stages.push(stage);
         }
 
         let index: BTreeMap<&str, usize> = file
@@ -214,6 +218,32 @@ fn build_stage(
             None
         }
     }
+}
+
+/// Reports a node whose number of `inputs` its type does not take.
+fn check_input_count(
+    file: &PipelineFile,
+    node: &NodeSpec,
+    spec: InputSpec,
+    errors: &mut Vec<ConfigError>,
+) {
+    let n = node.inputs.len();
+    if (spec.min..=spec.max).contains(&n) {
+        return;
+    }
+    let count = match (spec.min, spec.max) {
+        (a, b) if a == b => format!("{a}"),
+        (a, usize::MAX) => format!("at least {a}"),
+        (a, b) => format!("{a} to {b}"),
+    };
+    let message = format!(
+        "type {:?} takes {count} input{} ({}); this node lists {n}",
+        node.kind,
+        if spec.max == 1 { "" } else { "s" },
+        spec.what
+    );
+    let key = node.key_lines.contains_key("inputs").then_some("inputs");
+    errors.push(file.error_at(node, key, message));
 }
 
 /// The first `` `word` `` in a serde message: the key it is about.

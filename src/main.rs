@@ -19,8 +19,24 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG also works.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info", value_parser = log_filter)]
     log_level: String,
+}
+
+/// Accepts a level, or comma-separated `target=level` directives whose levels are real ones
+/// (a bare word that is no level, like `bogus`, would silently log nothing).
+fn log_filter(text: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in text.split(',') {
+        let level = directive.rsplit('=').next().unwrap_or_default().trim();
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{level:?} is not a log level; use one of {} (optionally as target=level)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 #[derive(Subcommand)]

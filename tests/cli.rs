@@ -360,6 +360,35 @@ fn a_typoed_parameter_is_named_with_its_line() {
 }
 
 #[test]
+fn a_wrong_number_of_inputs_is_named_with_its_line() {
+    let (code, msg) =
+        broken(|p| p.replace("inputs = [\"atlas_norm\", \"norm\"]", "inputs = [\"norm\"]"));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `register`")
+            && msg.contains("takes 2 inputs")
+            && msg.contains("lists 1"),
+        "{msg}"
+    );
+    assert!(msg.contains("broken.toml:"), "{msg}");
+}
+
+#[test]
+fn a_bogus_log_level_is_a_usage_error() {
+    let out = voxflow(
+        &[
+            "--log-level",
+            "bogus",
+            "validate",
+            "pipelines/oneshot-aseg.toml",
+        ],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("not a log level"), "{}", text(&out));
+}
+
+#[test]
 fn an_unknown_node_type_is_named_with_a_suggestion() {
     let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segmnet\""));
     assert_eq!(code, Some(2), "{msg}");
@@ -425,4 +454,15 @@ fn inspect_reports_geometry_as_json_and_rejects_garbage() {
     let out = voxflow(&["inspect", garbage.to_str().unwrap()], tmp.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("garbage.nii"), "{}", text(&out));
+
+    let missing = tmp.path().join("missing.nii.gz");
+    let out = voxflow(&["inspect", missing.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    let said = text(&out);
+    assert!(said.contains("missing.nii.gz"), "{said}");
+    assert_eq!(
+        said.matches("os error").count(),
+        1,
+        "the OS reason once: {said}"
+    );
 }

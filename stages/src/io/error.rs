@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 /// A volume file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
-    /// The operating system refused (missing file, permissions, disk full).
-    #[error("{path}: {source}")]
+    /// The operating system refused (missing file, permissions, disk full). The OS error is
+    /// part of the message, not a separate cause, so reports that print causes do not say it
+    /// twice.
+    #[error("{path}: {error}")]
     Os {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a valid volume of its format.
     #[error("{path}: {reason}")]
@@ -36,10 +38,10 @@ pub enum IoError {
 
 impl IoError {
     /// An [`IoError::Os`] for `path`.
-    pub(crate) fn os(path: &Path, source: std::io::Error) -> IoError {
+    pub(crate) fn os(path: &Path, error: std::io::Error) -> IoError {
         IoError::Os {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 

@@ -310,6 +310,13 @@ impl RegisterStage {
 }
 
 impl Stage for RegisterStage {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(
+            2,
+            "[atlas (moving) scan, subject (fixed) scan]",
+        ))
+    }
+
     fn kind(&self) -> StageKind {
         StageKind::Compute
     }

@@ -146,6 +146,28 @@ impl Value {
     }
 }
 
+/// The inputs a stage takes: between `min` and `max` upstream nodes, described by `what`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputSpec {
+    /// Fewest inputs.
+    pub min: usize,
+    /// Most inputs.
+    pub max: usize,
+    /// What they are, in order, as the docs write it (e.g. `[atlas scan, subject scan]`).
+    pub what: &'static str,
+}
+
+impl InputSpec {
+    /// Exactly the `n` inputs `what` lists.
+    pub const fn exactly(n: usize, what: &'static str) -> InputSpec {
+        InputSpec {
+            min: n,
+            max: n,
+            what,
+        }
+    }
+}
+
 /// The values a node receives: one per declared input, in declaration order.
 #[derive(Debug, Default)]
 pub struct Inputs<'a> {
@@ -247,6 +269,12 @@ pub enum StageError {
 
 /// A pipeline step. Implementations are built from their `*Config` by the registry.
 pub trait Stage: Send + Sync {
+    /// How many inputs the stage takes and what they are, so `validate` can reject a wrong
+    /// count with the node's line; `None` when it accepts any number.
+    fn inputs(&self) -> Option<InputSpec> {
+        None
+    }
+
     /// Where the engine should run it.
     fn kind(&self) -> StageKind {
         StageKind::Io

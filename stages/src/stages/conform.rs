@@ -115,6 +115,10 @@ pub struct Conform {
 }
 
 impl Stage for Conform {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(1, "[scan]"))
+    }
+
     fn kind(&self) -> crate::stage::StageKind {
         crate::stage::StageKind::Compute
     }

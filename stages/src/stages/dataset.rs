@@ -244,6 +244,13 @@ impl Dataset {
 }
 
 impl Stage for Dataset {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(
+            0,
+            "none (a dataset is a source)",
+        ))
+    }
+
     fn process(&self, ctx: &Context<'_>, _inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let entries = self.listing()?;
         entries

@@ -70,6 +70,13 @@ pub struct Dice {
 }
 
 impl Stage for Dice {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(
+            2,
+            "[segmentation, subject scan]",
+        ))
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let seg = match inputs.get(0)? {
             Value::Segmentation(s) => s,

@@ -84,6 +84,14 @@ pub struct Load {
 }
 
 impl Stage for Load {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec {
+            min: 0,
+            max: 1,
+            what: "[dataset], or none with `image` set",
+        })
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let (image, labels, mask) = match inputs.values.first() {
             Some((name, Value::Entry(entry))) => {

@@ -68,6 +68,14 @@ pub struct Report {
 }
 
 impl Stage for Report {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec {
+            min: 1,
+            max: usize::MAX,
+            what: "[dice scores, ...]",
+        })
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         Ok(inputs
             .values
@@ -224,7 +232,7 @@ fn parse_lut(text: &str) -> HashMap<u32, String> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     let os = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| StageError::Io(IoError::Os { path, source })
+        move |error| StageError::Io(IoError::Os { path, error })
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(os(dir))?;

@@ -60,6 +60,13 @@ pub struct Segment {
 }
 
 impl Stage for Segment {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(
+            3,
+            "[registration, atlas scan, subject scan]",
+        ))
+    }
+
     fn kind(&self) -> crate::stage::StageKind {
         crate::stage::StageKind::Compute
     }

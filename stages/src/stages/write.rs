@@ -53,6 +53,14 @@ pub struct Write {
 }
 
 impl Stage for Write {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec {
+            min: 1,
+            max: usize::MAX,
+            what: "[segmentation or scan, any others to wait for]",
+        })
+    }
+
     fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         // Limitation: only the first segmentation and the first masked scan are written;
         // other inputs only order this node after their nodes.
@@ -70,9 +78,9 @@ impl Stage for Write {
             ));
         }
         let dir = ctx.output_dir.join(ctx.subject);
-        std::fs::create_dir_all(&dir).map_err(|source| IoError::Os {
+        std::fs::create_dir_all(&dir).map_err(|error| IoError::Os {
             path: dir.clone(),
-            source,
+            error,
         })?;
 
         let mut written = Vec::new();
