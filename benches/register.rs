@@ -196,7 +196,13 @@ fn main() {
                 continue;
             }
             let t = Instant::now();
-            let out = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            // As the `voxflow` binary does: OpenMP threads sleep instead of spinning between
+            // operations, unless the caller chose otherwise.
+            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+                command.env("OMP_WAIT_POLICY", "PASSIVE");
+            }
+            let out = command
                 .args(["--case", moving, fixed, &res.to_string()])
                 .stderr(std::process::Stdio::inherit())
                 .output()

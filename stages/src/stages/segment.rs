@@ -10,13 +10,15 @@
 //! Every output carries the subject's file header, not the atlas's, so `write` puts them in
 //! the subject's geometry.
 //!
-//! Left out: linear interpolation of labels (one-hot, then arg-max) for smoother boundaries;
-//! only nearest neighbour exists for now.
+//! Labels go over by nearest neighbour (default) or, with `interp = "linear"`, by one-hot
+//! linear interpolation and arg-max ([`crate::register::warp_labels_linear`]: smoother
+//! boundaries, a few labels at a time so memory stays two values per voxel).
 
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::register::warp_labels_linear;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
 use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value};
@@ -28,12 +30,12 @@ use crate::volume::{SourceHeader, Volume};
 /// [nodes.segmented]
 /// type = "segment"
 /// inputs = ["registration", "atlas", "conformed"]
-/// interp = "nearest"
+/// interp = "nearest"   # or "linear": one-hot, interpolated, arg-max
 /// ```
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentConfig {
-    /// How labels are interpolated. Default `"nearest"` (the only one so far).
+    /// How labels are interpolated. Default `"nearest"`.
     #[serde(default)]
     pub interp: LabelInterp,
 }
@@ -45,7 +47,12 @@ pub enum LabelInterp {
     /// Each subject voxel takes the label of the nearest atlas voxel.
     #[default]
     Nearest,
+    /// Each label's indicator is interpolated linearly; the largest wins.
+    Linear,
 }
+
+/// Labels processed together by one-hot linear interpolation.
+const LABEL_CHUNK: usize = 4;
 
 impl StageConfig for SegmentConfig {
     fn build(self) -> Result<Arc<dyn Stage>, BuildError> {
@@ -91,13 +98,12 @@ impl Stage for Segment {
         };
         let grid = subject.image.grid();
         let header = &subject.image.header;
-        let interp = match self.config.interp {
-            LabelInterp::Nearest => Interp::Nearest,
+        let labels = match self.config.interp {
+            LabelInterp::Nearest => warp(atlas_labels, &transform, &grid, Interp::Nearest),
+            LabelInterp::Linear => warp_labels_linear(atlas_labels, &transform, &grid, LABEL_CHUNK),
         };
-
-        let labels = warp(atlas_labels, &transform, &grid, interp);
         let warped_image = warp(&atlas.image, &transform, &grid, Interp::Linear);
-        let initial = resample(atlas_labels, &grid, interp, |p| p);
+        let initial = resample(atlas_labels, &grid, Interp::Nearest, |p| p);
         tracing::debug!(
             atlas = %atlas.image.header.path.display(),
             shape = ?grid.shape,
@@ -132,7 +138,9 @@ mod tests {
         let config: SegmentConfig = toml::from_str("interp = \"nearest\"").unwrap();
         assert_eq!(config.interp, LabelInterp::Nearest);
         assert!(config.build().is_ok());
-        assert!(toml::from_str::<SegmentConfig>("interp = \"linear\"").is_err());
+        let linear: SegmentConfig = toml::from_str("interp = \"linear\"").unwrap();
+        assert_eq!(linear.interp, LabelInterp::Linear);
+        assert!(toml::from_str::<SegmentConfig>("interp = \"cubic\"").is_err());
     }
 
     fn file_header(path: &str, affine: Affine) -> Arc<SourceHeader> {
@@ -177,17 +185,19 @@ mod tests {
             output_dir: std::path::Path::new("."),
             node: "segmented",
         };
-        let stage = SegmentConfig::default().build().unwrap();
-        let Value::Segmentation(seg) = stage.process(&ctx, &inputs).unwrap() else {
-            panic!("segment returned another kind of value");
-        };
-        assert_eq!(seg.labels.data, labels);
-        assert_eq!(seg.initial_labels.data, labels);
-        assert_eq!(seg.warped_image.data, vec![2.0; 60]);
-        for v in [&seg.labels, &seg.initial_labels, &seg.warped_image] {
-            assert_eq!(v.header.path, PathBuf::from("subject.nii.gz"));
-            assert_eq!(v.header.affine, Affine::identity());
-            assert_eq!(v.affine, affine);
+        for interp in [LabelInterp::Nearest, LabelInterp::Linear] {
+            let stage = SegmentConfig { interp }.build().unwrap();
+            let Value::Segmentation(seg) = stage.process(&ctx, &inputs).unwrap() else {
+                panic!("segment returned another kind of value");
+            };
+            assert_eq!(seg.labels.data, labels, "{interp:?}");
+            assert_eq!(seg.initial_labels.data, labels);
+            assert_eq!(seg.warped_image.data, vec![2.0; 60]);
+            for v in [&seg.labels, &seg.initial_labels, &seg.warped_image] {
+                assert_eq!(v.header.path, PathBuf::from("subject.nii.gz"));
+                assert_eq!(v.header.affine, Affine::identity());
+                assert_eq!(v.affine, affine);
+            }
         }
     }
 }
