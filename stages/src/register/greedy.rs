@@ -77,6 +77,9 @@ impl Field {
     }
 }
 
+/// Adam's ε as a multiple of the first step's gradient RMS.
+const ADAM_FLOOR: f64 = 1.0;
+
 /// `u ∘ (id + δ) + δ`: the displacement of `φ ∘ (id + δ)` when `φ = id + u`. `idx_n` holds the
 /// grid's voxel indices already mapped to `grid_sample` coordinates and `scale` the per-axis
 /// factor from voxels to those coordinates (the map is diagonal), so no matrix product is
@@ -177,8 +180,11 @@ fn run_level(
         };
         let g = pool(gradient_times(&warped, &ev.grad)?)?;
         if it == 0 {
-            // Adam's floor relative to the gradient's scale, so flat background stays still.
-            eps = 1e-2
+            // Adam's floor at the gradient's RMS, so weakly textured regions (background, the
+            // inside of ventricles) take steps in proportion to their evidence instead of
+            // full-size ones in noisy directions. A floor of 1 % of the RMS let such regions
+            // drift (1 mm Dice 0.772, SDlogJ 0.59); at the RMS Dice is 0.777, SDlogJ 0.43.
+            eps = ADAM_FLOOR
                 * scalar(&g.f_square()?.f_mean(Kind::Double)?)?
                     .sqrt()
                     .max(1e-30);
