@@ -58,11 +58,13 @@
 //! - Grid connectivity is 6-neighbour and path lengths in step 4 are city-block, so the reach
 //!   along diagonals is up to √3 shorter than `grow_mm`.
 
+mod atlas;
 pub(crate) mod levels;
 pub(crate) mod lines;
 mod morphology;
 mod strip;
 
+pub use atlas::{AtlasHead, AtlasParams, atlas};
 pub use morphology::{close_mm, dilate_mm, erode_mm, fill_holes, largest_component, open_mm};
 pub use strip::{
     AutoParams, RefineParams, SkullStripError, StripResult, auto, dice, mask_volume_ml,
