@@ -44,14 +44,18 @@ pub struct AtlasHead {
 #[serde(deny_unknown_fields, default)]
 pub struct AtlasParams {
     /// How each atlas head is registered to the subject. Default: 2 mm, affine then
-    /// deformable on levels 4 and 2 (the finest level adds little to a mask).
+    /// deformable on levels 4 and 2 (the finest level adds little to a mask). Keys given
+    /// here override these defaults one by one.
+    #[serde(deserialize_with = "over_default_register")]
     pub register: RegisterConfig,
     /// Snap the fused mask to the subject's boundary. Default true.
     pub refine: bool,
     /// The snapping ([`refine_boundary`]). Defaults differ from `auto`'s: a search band of
     /// 12 mm, since a carried mask carries its atlas's convention for the CSF around the brain
     /// (up to 5 mm apart between the bundled references); growth of 22 mm from white matter,
-    /// so cortex at the far side of that band is still reached; a CSF margin of 10 mm.
+    /// so cortex at the far side of that band is still reached; a CSF margin of 10 mm. Keys
+    /// given here override these defaults one by one.
+    #[serde(deserialize_with = "over_default_boundary")]
     pub boundary: RefineParams,
 }
 
@@ -71,6 +75,45 @@ impl Default for AtlasParams {
             },
         }
     }
+}
+
+/// `given` laid over `base`, table by table, so a partial table keeps the other defaults.
+fn merge(base: &mut toml::Table, given: toml::Table) {
+    for (key, value) in given {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(g)) => merge(b, g),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// Deserializes a partial table over `default` (serde's own `default` would start the
+/// nested type from its own defaults, losing the atlas method's).
+fn over_default<'de, D, T>(d: D, default: T) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    use serde::Deserialize;
+    let given = toml::Table::deserialize(d)?;
+    let mut base = toml::Table::try_from(default).map_err(D::Error::custom)?;
+    merge(&mut base, given);
+    T::deserialize(toml::Value::Table(base)).map_err(D::Error::custom)
+}
+
+fn over_default_register<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<RegisterConfig, D::Error> {
+    over_default(d, AtlasParams::default().register)
+}
+
+fn over_default_boundary<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<RefineParams, D::Error> {
+    over_default(d, AtlasParams::default().boundary)
 }
 
 /// Strips `head` with the brain masks of `atlases`: each registered to `head`, its mask

@@ -412,6 +412,68 @@ mod tests {
         assert!(bad.build().is_err());
     }
 
+    #[test]
+    fn atlas_list_parses_and_is_checked() {
+        let list = r#"
+            method = "atlas"
+            [[atlases]]
+            id = "colin27"
+            image = "colin27/ch2.nii.gz"
+            mask = "colin27/ch2bet.nii.gz"
+            [[atlases]]
+            id = "mni152"
+            image = "mni152/MNI152_T1.nii.gz"
+            mask = "mni152/MNI152_mask.nii.gz"
+            [atlas]
+            register.resolution_mm = 3.0
+            boundary.csf_fraction = 0.4
+        "#;
+        let config: SkullStripConfig = toml::from_str(list).unwrap();
+        assert_eq!(config.atlases.len(), 2);
+        assert_eq!(config.atlas.register.resolution_mm, 3.0);
+        assert_eq!(config.atlas.boundary.csf_fraction, 0.4);
+        assert_eq!(config.atlas.boundary.search_mm, 12.0, "other atlas defaults kept");
+        assert_eq!(config.atlas.register.deformable.levels, [4, 2]);
+        let typo = list.replace("csf_fraction", "csf_fractoin");
+        let err = toml::from_str::<SkullStripConfig>(&typo).unwrap_err();
+        assert!(err.to_string().contains("csf_fractoin"), "{err}");
+        assert_eq!(config.files().len(), 4);
+        assert!(config.build().is_ok());
+        let twice = list.replace("\"mni152\"", "\"colin27\"");
+        let err = toml::from_str::<SkullStripConfig>(&twice)
+            .unwrap()
+            .build()
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("listed twice")));
+        let auto = list.replace("method = \"atlas\"", "method = \"auto\"");
+        let config: SkullStripConfig = toml::from_str(&auto).unwrap();
+        assert!(config.build().is_err(), "atlases with method auto");
+    }
+
+    #[test]
+    fn a_subject_is_never_stripped_with_its_own_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = Volume::new(vec![1.0; 27], [3, 3, 3], Affine::identity());
+        let (image, mask) = (dir.path().join("head.nii"), dir.path().join("mask.nii"));
+        crate::io::write_nifti(&image, &head, crate::volume::DataType::Float32).unwrap();
+        crate::io::write_nifti(&mask, &head, crate::volume::DataType::Float32).unwrap();
+        let config = format!(
+            "method = \"atlas\"\n[[atlases]]\nid = \"s1\"\nimage = {:?}\nmask = {:?}",
+            image.display().to_string(),
+            mask.display().to_string()
+        );
+        // The context's subject is "s1", the only atlas's id.
+        let err = run(&config, &[Value::Scan(Arc::new(Scan::from_image(head)))]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("s1") && text.contains("own"), "{text}");
+        // The same file under another id is the subject's own head too.
+        let renamed = config.replace("id = \"s1\"", "id = \"other\"");
+        let own = crate::io::read_volume(&image).unwrap();
+        let err = run(&renamed, &[Value::Scan(Arc::new(Scan::from_image(own)))]).unwrap_err();
+        assert!(err.to_string().contains("own"), "{err}");
+    }
+
     fn run(config: &str, values: &[Value]) -> Result<Arc<Scan>, StageError> {
         let stage = toml::from_str::<SkullStripConfig>(config)
             .unwrap()
