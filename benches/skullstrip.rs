@@ -89,8 +89,7 @@ fn main() {
                 skullstrip::dilate_mm(&h.mask, shift)
             };
             let before = skullstrip::dice(&start, &h.mask).unwrap_or(f64::NAN);
-            let method =
-                format!("refine from GT {shift:+} mm (uses GT; start Dice {before:.3})");
+            let method = format!("refine from GT {shift:+} mm (uses GT; start Dice {before:.3})");
             let t = Instant::now();
             match skullstrip::refine_boundary(&h.image, &start, &RefineParams::default()) {
                 Ok(r) => row(&h.id, &method, &r, &h.mask, t.elapsed().as_secs_f64()),

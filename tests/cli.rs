@@ -468,8 +468,18 @@ fn skullstrip_eval_strips_each_head_with_the_other_heads() {
     assert!(run.status.success(), "{}", text(&run));
     let log = text(&run);
     for (subject, head, reference, floor) in [
-        ("colin27", "colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz", 0.87),
-        ("mni152", "mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz", 0.94),
+        (
+            "colin27",
+            "colin27/ch2.nii.gz",
+            "colin27/ch2bet.nii.gz",
+            0.87,
+        ),
+        (
+            "mni152",
+            "mni152/MNI152_T1.nii.gz",
+            "mni152/MNI152_mask.nii.gz",
+            0.94,
+        ),
         ("fsaverage", "fsaverage/T1.mgz", "fsaverage/brain.mgz", 0.84),
     ] {
         let written = read_volume(&out.join(subject).join("mask.nii.gz"))

@@ -96,8 +96,8 @@ where
     D: serde::Deserializer<'de>,
     T: serde::Serialize + serde::de::DeserializeOwned,
 {
-    use serde::de::Error;
     use serde::Deserialize;
+    use serde::de::Error;
     let given = toml::Table::deserialize(d)?;
     let mut base = toml::Table::try_from(default).map_err(D::Error::custom)?;
     merge(&mut base, given);
@@ -110,9 +110,7 @@ fn over_default_register<'de, D: serde::Deserializer<'de>>(
     over_default(d, AtlasParams::default().register)
 }
 
-fn over_default_boundary<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<RefineParams, D::Error> {
+fn over_default_boundary<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RefineParams, D::Error> {
     over_default(d, AtlasParams::default().boundary)
 }
 

@@ -94,9 +94,8 @@ impl Stage for Normalize {
         let image = match self.config.method {
             NormalizeMethod::Percentile => {
                 let [lo, hi] = self.config.percentiles;
-                percentile_rescale(&scan.image, lo, hi, mask.as_ref()).map_err(|e| {
-                    StageError::Data(format!("normalize: {file}: {e}"))
-                })?
+                percentile_rescale(&scan.image, lo, hi, mask.as_ref())
+                    .map_err(|e| StageError::Data(format!("normalize: {file}: {e}")))?
             }
         };
         Ok(Value::Scan(Arc::new(Scan {

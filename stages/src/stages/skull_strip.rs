@@ -432,7 +432,10 @@ mod tests {
         assert_eq!(config.atlases.len(), 2);
         assert_eq!(config.atlas.register.resolution_mm, 3.0);
         assert_eq!(config.atlas.boundary.csf_fraction, 0.4);
-        assert_eq!(config.atlas.boundary.search_mm, 12.0, "other atlas defaults kept");
+        assert_eq!(
+            config.atlas.boundary.search_mm, 12.0,
+            "other atlas defaults kept"
+        );
         assert_eq!(config.atlas.register.deformable.levels, [4, 2]);
         let typo = list.replace("csf_fraction", "csf_fractoin");
         let err = toml::from_str::<SkullStripConfig>(&typo).unwrap_err();
