@@ -1,22 +1,21 @@
 //! Skull stripping on the three real heads of `../shared/data`: mask Dice against each
-//! head's reference mask, brain volume and time, as a Markdown table on stdout.
+//! head's reference mask, brain volume and seconds, as a Markdown table on stdout.
 //!
-//! Rows `auto` strip each head with no knowledge of its mask. Rows `refine from GT ±3 mm`
-//! are labelled as using the reference: they start `refine_boundary` from the reference
-//! mask eroded or dilated by 3 mm and show how much of it the refinement recovers, which is
-//! what the atlas method relies on. A last row times the bias-field correction.
+//! Rows `auto` strip each head with no atlas. Rows `atlas` strip each head with the other two
+//! heads as atlases (registered to it, masks fused by voting, boundary refined); a head's own
+//! mask is never used to strip it. Rows `refine from GT ±3 mm` are labelled as using the
+//! reference: they start `refine_boundary` from the reference mask eroded or dilated by 3 mm
+//! and show how much of it the refinement recovers. A last row times the bias correction.
 //!
-//! Run with `cargo bench --bench skullstrip`. Volumes come from
-//! `voxflow_stages::io::read_volume`, or, while that reader is not in the tree, from raw
-//! copies under `/tmp/voxflow-skull/` (`<folder>__<file>.f32` + `.json`); heads found in
-//! neither place are reported and skipped.
+//! Run with `cargo bench --bench skullstrip` (libtorch on one thread, as the measured figures
+//! in the README were taken). A file that cannot be read stops the bench, naming the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use voxflow_stages::intensity::{BiasParams, bias_correct};
-use voxflow_stages::skullstrip::{self, AutoParams, RefineParams};
-use voxflow_stages::volume::{Affine, Volume};
+use voxflow_stages::skullstrip::{self, AtlasHead, AtlasParams, AutoParams, RefineParams};
+use voxflow_stages::volume::Volume;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data");
 
@@ -30,31 +29,9 @@ const CASES: [(&str, &str, &str); 3] = [
     ("fsaverage", "fsaverage/T1.mgz", "fsaverage/brain.mgz"),
 ];
 
-fn load(path: &Path) -> Result<Volume, String> {
-    voxflow_stages::io::read_volume(path).or_else(|e| load_raw(path).ok_or(e.to_string()))
-}
-
-fn load_raw(path: &Path) -> Option<Volume> {
-    let parent = path.parent()?.file_name()?.to_str()?;
-    let name = format!("{parent}__{}", path.file_name()?.to_str()?);
-    let dir = Path::new("/tmp/voxflow-skull");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).ok()?).ok()?;
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).ok()?;
-    let rows: Vec<Vec<f64>> = serde_json::from_value(meta["affine"].clone()).ok()?;
-    let bytes = std::fs::read(dir.join(format!("{name}.f32"))).ok()?;
-    let data: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let affine = Affine::from_fn(|r, c| {
-        rows.get(r)
-            .and_then(|row| row.get(c))
-            .copied()
-            .unwrap_or(0.0)
-    });
-    let shape = [*shape.first()?, *shape.get(1)?, *shape.get(2)?];
-    (data.len() == shape.iter().product::<usize>()).then(|| Volume::new(data, shape, affine))
+fn load(rel: &str) -> Volume {
+    let path: PathBuf = Path::new(DATA).join(rel);
+    voxflow_stages::io::read_volume(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn binarise(v: &Volume) -> Volume {
@@ -66,70 +43,69 @@ fn binarise(v: &Volume) -> Volume {
     )
 }
 
-fn data(rel: &str) -> PathBuf {
-    Path::new(DATA).join(rel)
+fn row(name: &str, method: &str, mask: &Volume, reference: &Volume, secs: f64) {
+    println!(
+        "| {name} | {method} | {:.3} | {:.0} | {:.0} | {secs:.1} |",
+        skullstrip::dice(mask, reference).unwrap_or(f64::NAN),
+        skullstrip::mask_volume_ml(mask),
+        skullstrip::mask_volume_ml(reference)
+    );
 }
 
 fn main() {
+    tch::set_num_threads(1);
+    let heads: Vec<AtlasHead> = CASES
+        .iter()
+        .map(|(id, head, mask)| AtlasHead {
+            id: id.to_string(),
+            image: load(head),
+            mask: binarise(&load(mask)),
+        })
+        .collect();
     println!("| head | method | Dice | brain mL | reference mL | seconds |");
     println!("|---|---|---|---|---|---|");
-    let mut loaded = Vec::new();
-    for (name, head, mask) in CASES {
-        let (h, m) = match (load(&data(head)), load(&data(mask))) {
-            (Ok(h), Ok(m)) => (h, binarise(&m)),
-            (Err(e), _) | (_, Err(e)) => {
-                println!("| {name} | skipped: {e} | | | | |");
-                continue;
-            }
-        };
+    for h in &heads {
         let t = Instant::now();
-        let r = match skullstrip::auto(&h, &AutoParams::default()) {
-            Ok(r) => r,
-            Err(e) => {
-                println!("| {name} | auto failed: {e} | | | | |");
-                continue;
-            }
-        };
-        let secs = t.elapsed().as_secs_f64();
-        let d = skullstrip::dice(&r.mask, &m).unwrap_or(f64::NAN);
-        let ref_ml = skullstrip::mask_volume_ml(&m);
-        println!(
-            "| {name} | auto | {d:.3} | {:.0} | {ref_ml:.0} | {secs:.1} |",
-            r.brain_volume_ml
-        );
-        loaded.push((name, h, m));
+        match skullstrip::auto(&h.image, &AutoParams::default()) {
+            Ok(r) => row(&h.id, "auto", &r.mask, &h.mask, t.elapsed().as_secs_f64()),
+            Err(e) => println!("| {} | auto failed: {e} | | | | |", h.id),
+        }
     }
-    for (name, h, m) in &loaded {
+    for h in &heads {
+        let others: Vec<&AtlasHead> = heads.iter().filter(|o| o.id != h.id).collect();
+        let names: Vec<&str> = others.iter().map(|o| o.id.as_str()).collect();
+        let method = format!("atlas ({})", names.join(" + "));
+        let t = Instant::now();
+        match skullstrip::atlas(&h.image, &others, &AtlasParams::default()) {
+            Ok(r) => row(&h.id, &method, &r.mask, &h.mask, t.elapsed().as_secs_f64()),
+            Err(e) => println!("| {} | {method} failed: {e} | | | | |", h.id),
+        }
+    }
+    for h in &heads {
         for shift in [-3.0, 3.0] {
             let start = if shift < 0.0 {
-                skullstrip::erode_mm(m, -shift)
+                skullstrip::erode_mm(&h.mask, -shift)
             } else {
-                skullstrip::dilate_mm(m, shift)
+                skullstrip::dilate_mm(&h.mask, shift)
             };
-            let before = skullstrip::dice(&start, m).unwrap_or(f64::NAN);
+            let before = skullstrip::dice(&start, &h.mask).unwrap_or(f64::NAN);
+            let method = format!("refine from GT {shift:+} mm (uses GT; start Dice {before:.3})");
             let t = Instant::now();
-            match skullstrip::refine_boundary(h, &start, &RefineParams::default()) {
-                Ok(r) => println!(
-                    "| {name} | refine from GT {shift:+} mm (uses GT; start Dice {before:.3}) \
-                     | {:.3} | {:.0} | {:.0} | {:.1} |",
-                    skullstrip::dice(&r, m).unwrap_or(f64::NAN),
-                    skullstrip::mask_volume_ml(&r),
-                    skullstrip::mask_volume_ml(m),
-                    t.elapsed().as_secs_f64()
-                ),
-                Err(e) => println!("| {name} | refine from GT {shift:+} mm failed: {e} | | | | |"),
+            match skullstrip::refine_boundary(&h.image, &start, &RefineParams::default()) {
+                Ok(r) => row(&h.id, &method, &r, &h.mask, t.elapsed().as_secs_f64()),
+                Err(e) => println!("| {} | {method} failed: {e} | | | | |", h.id),
             }
         }
     }
-    if let Some((name, h, m)) = loaded.first() {
-        let t = Instant::now();
-        match bias_correct(h, Some(m), &BiasParams::default()) {
-            Ok(b) => println!(
-                "| {name} | bias_correct ({} iterations) | | | | {:.1} |",
-                b.iterations,
-                t.elapsed().as_secs_f64()
-            ),
-            Err(e) => println!("| {name} | bias_correct failed: {e} | | | | |"),
-        }
+    let h = &heads[0];
+    let t = Instant::now();
+    match bias_correct(&h.image, Some(&h.mask), &BiasParams::default()) {
+        Ok(b) => println!(
+            "| {} | bias_correct ({} iterations) | | | | {:.1} |",
+            h.id,
+            b.iterations,
+            t.elapsed().as_secs_f64()
+        ),
+        Err(e) => println!("| {} | bias_correct failed: {e} | | | | |", h.id),
     }
 }

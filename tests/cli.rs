@@ -466,3 +466,77 @@ fn inspect_reports_geometry_as_json_and_rejects_garbage() {
         "the OS reason once: {said}"
     );
 }
+
+/// Binary Dice of two masks (inside: value > 0).
+fn mask_dice(a: &[f32], b: &[f32]) -> f64 {
+    let (mut both, mut na, mut nb) = (0usize, 0usize, 0usize);
+    for (&x, &y) in a.iter().zip(b) {
+        na += usize::from(x > 0.0);
+        nb += usize::from(y > 0.0);
+        both += usize::from(x > 0.0 && y > 0.0);
+    }
+    2.0 * both as f64 / (na + nb) as f64
+}
+
+/// The bundled `skullstrip-eval` pipeline (atlas method, each head stripped with the other
+/// two), registering at 4 mm so the test stays quick: every head's written mask is in the
+/// head's own geometry and overlaps its reference mask. Floors are for 4 mm; the bench
+/// measures the bundled 2 mm setting.
+#[test]
+fn skullstrip_eval_strips_each_head_with_the_other_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bundled = std::fs::read_to_string(root.join("pipelines/skullstrip-eval.toml")).unwrap();
+    let pipeline = bundled
+        .replace(
+            "output = \"out/skullstrip-eval\"",
+            &format!("output = \"{}\"", out.display()),
+        )
+        .replace(
+            "data = \"../shared/data\"",
+            &format!("data = \"{}\"", data().display()),
+        )
+        + "\n[nodes.stripped.atlas]\nregister.resolution_mm = 4.0\n";
+    let path = tmp.path().join("skullstrip-eval.toml");
+    std::fs::write(&path, pipeline).unwrap();
+
+    let run = voxflow(
+        &["run", path.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let log = text(&run);
+    for (subject, head, reference, floor) in [
+        (
+            "colin27",
+            "colin27/ch2.nii.gz",
+            "colin27/ch2bet.nii.gz",
+            0.87,
+        ),
+        (
+            "mni152",
+            "mni152/MNI152_T1.nii.gz",
+            "mni152/MNI152_mask.nii.gz",
+            0.94,
+        ),
+        ("fsaverage", "fsaverage/T1.mgz", "fsaverage/brain.mgz", 0.84),
+    ] {
+        let written = read_volume(&out.join(subject).join("mask.nii.gz"))
+            .unwrap_or_else(|e| panic!("{subject}: {e}"));
+        let head = read_volume(&data().join(head)).unwrap();
+        let reference = read_volume(&data().join(reference)).unwrap();
+        assert_eq!(written.shape, head.shape, "{subject}");
+        assert!(
+            (written.affine - head.header.affine).abs().max() < 1e-4,
+            "{subject}: the mask is not in the head's geometry"
+        );
+        assert!(
+            written.data.iter().all(|&x| x == 0.0 || x == 1.0),
+            "{subject}: mask values are not 0/1"
+        );
+        let d = mask_dice(&written.data, &reference.data);
+        eprintln!("{subject}: atlas-method mask Dice at 4 mm {d:.4}");
+        assert!(d >= floor, "{subject}: Dice {d} under {floor}\n{log}");
+    }
+}

@@ -28,6 +28,17 @@ pub enum SkullStripError {
     /// The mask given to refine is empty.
     #[error("the initial mask is empty")]
     EmptyMask,
+    /// The atlas method was given no atlas head.
+    #[error("no atlas head to strip with (a subject's own head is never used)")]
+    NoAtlas,
+    /// Registering an atlas head to the subject failed.
+    #[error("registering atlas {atlas} to the head failed: {reason}")]
+    Registration {
+        /// The atlas's id.
+        atlas: String,
+        /// What the registration reported.
+        reason: String,
+    },
     /// Two volumes that must share a grid do not.
     #[error("grid mismatch: {what} has shape {got:?}, expected {want:?}")]
     ShapeMismatch {

@@ -35,5 +35,5 @@ pub use load::{Load, LoadConfig, NonFinite};
 pub use normalize::{Normalize, NormalizeConfig, NormalizeMethod};
 pub use report::{Report, ReportConfig};
 pub use segment::{LabelInterp, Segment, SegmentConfig};
-pub use skull_strip::{SkullStrip, SkullStripConfig, StripMethod};
+pub use skull_strip::{AtlasHeadConfig, SkullStrip, SkullStripConfig, StripMethod};
 pub use write::{Write, WriteConfig};

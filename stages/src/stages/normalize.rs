@@ -6,6 +6,9 @@
 //! the algorithm so others (z-score, histogram matching, bias-field correction) can be added
 //! beside it without changing existing pipelines.
 //!
+//! The rescaling itself is [`crate::intensity::percentile_rescale`] (exact percentiles, numpy's
+//! linear rule); this file only picks the voxels and names the file in errors.
+//!
 //! Left out: bias-field correction and histogram matching (later methods); labels, mask and
 //! the native scan pass through untouched, so `write` never sees normalized intensities.
 
@@ -13,8 +16,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::intensity::percentile_rescale;
 use crate::registry::{BuildError, StageConfig};
 use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
+use crate::volume::Volume;
 
 /// Parameters of a `normalize` node.
 ///
@@ -77,84 +82,44 @@ impl Stage for Normalize {
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let scan = inputs.scan(0)?;
         let file = scan.image.header.path.display().to_string();
-        let sample: Vec<f32> = if self.config.within_mask {
-            let Some(mask) = &scan.mask else {
+        let mask = match (self.config.within_mask, &scan.mask) {
+            (false, _) => None,
+            (true, Some(mask)) => Some(binary(mask)),
+            (true, None) => {
                 return Err(StageError::Input(format!(
                     "normalize: within_mask = true but the scan of {file} has no mask"
                 )));
-            };
-            let inside = scan.image.data.iter().zip(&mask.data);
-            inside
-                .filter(|(v, m)| **m != 0.0 && v.is_finite())
-                .map(|(v, _)| *v)
-                .collect()
-        } else {
-            scan.image
-                .data
-                .iter()
-                .copied()
-                .filter(|v| v.is_finite())
-                .collect()
+            }
         };
-
-        let data = match self.config.method {
+        let image = match self.config.method {
             NormalizeMethod::Percentile => {
-                percentile_rescale(&scan.image.data, sample, self.config.percentiles, &file)?
+                let [lo, hi] = self.config.percentiles;
+                percentile_rescale(&scan.image, lo, hi, mask.as_ref())
+                    .map_err(|e| StageError::Data(format!("normalize: {file}: {e}")))?
             }
         };
         Ok(Value::Scan(Arc::new(Scan {
-            image: Arc::new(scan.image.with_data(data)),
+            image: Arc::new(image),
             ..(**scan).clone()
         })))
     }
 }
 
-/// Maps the `[lo, hi]` percentiles of `sample` to 0 and 1 and clips `data` to `[0, 1]`.
-fn percentile_rescale(
-    data: &[f32],
-    mut sample: Vec<f32>,
-    [p_lo, p_hi]: [f64; 2],
-    file: &str,
-) -> Result<Vec<f32>, StageError> {
-    if sample.is_empty() {
-        return Err(StageError::Data(format!(
-            "normalize: {file} has no finite voxel to take percentiles of (empty mask?)"
-        )));
-    }
-    let lo = percentile(&mut sample, p_lo);
-    let hi = percentile(&mut sample, p_hi);
-    if hi <= lo {
-        return Err(StageError::Data(format!(
-            "normalize: {file} is constant between percentiles {p_lo} and {p_hi} (value {lo})"
-        )));
-    }
-    tracing::debug!(file, lo, hi, "Percentile range");
-    let scale = 1.0 / (hi - lo);
-    Ok(data
-        .iter()
-        .map(|&v| (((v as f64 - lo) * scale) as f32).clamp(0.0, 1.0))
-        .collect())
-}
-
-/// The `p`-th percentile (0–100) of `values`, interpolating linearly between order
-/// statistics as numpy's default does. Reorders `values`; they must be non-empty and finite.
-fn percentile(values: &mut [f32], p: f64) -> f64 {
-    let rank = p / 100.0 * (values.len() - 1) as f64;
-    let below = rank.floor() as usize;
-    let frac = rank - below as f64;
-    let (_, &mut at, above) = values.select_nth_unstable_by(below, f32::total_cmp);
-    let next = if frac > 0.0 {
-        above.iter().copied().min_by(f32::total_cmp).unwrap_or(at)
-    } else {
-        at
-    };
-    at as f64 + frac * (next as f64 - at as f64)
+/// The scan's mask as 0/1 (inside: non-zero), the selection [`percentile_rescale`] expects.
+fn binary(mask: &Volume) -> Volume {
+    mask.with_data(
+        mask.frame(0)
+            .iter()
+            .map(|&m| if m != 0.0 { 1.0 } else { 0.0 })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::{Affine, Volume};
+    use crate::intensity::percentile;
+    use crate::volume::Affine;
 
     #[test]
     fn example_config_parses() {
@@ -172,15 +137,6 @@ mod tests {
         let reversed: NormalizeConfig = toml::from_str("percentiles = [90, 10]").unwrap();
         assert!(reversed.build().is_err());
         assert!(toml::from_str::<NormalizeConfig>("method = \"zscore\"").is_err());
-    }
-
-    #[test]
-    fn percentiles_interpolate_like_numpy() {
-        let mut v: Vec<f32> = (0..=100).rev().map(|x| x as f32).collect();
-        assert_eq!(percentile(&mut v, 0.5), 0.5);
-        assert_eq!(percentile(&mut v, 99.5), 99.5);
-        let mut w = vec![3.0, 1.0, 2.0, 4.0];
-        assert!((percentile(&mut w, 50.0) - 2.5).abs() < 1e-12);
     }
 
     fn run(config: &str, scan: Scan) -> Result<Arc<Scan>, StageError> {

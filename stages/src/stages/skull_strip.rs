@@ -1,13 +1,21 @@
 //! `skull_strip`: removes non-brain tissue by multiplying the image with a brain mask.
 //!
 //! Registering a skull-stripped atlas to a head with skull pulls the atlas brain onto the
-//! scalp; stripping the subject first avoids that. This first version takes the mask from
-//! somewhere rather than computing one: the scan's own mask (a dataset column, or a `mask`
-//! file), or the atlas's brain carried through a registration onto the subject. The output
-//! scan carries the mask it used, so later stages (`normalize` with `within_mask`) see it.
+//! scalp; stripping the subject first avoids that. The mask comes from one of three methods:
+//! the scan's own mask (a dataset column, or a `mask` file); the atlas method, with the brain
+//! masks of other heads carried onto the subject by registration, fused by voting and snapped
+//! to its boundary ([`crate::skullstrip::atlas`]); or the classical `auto` extraction
+//! ([`crate::skullstrip::auto`]). The output scan carries the mask it used, so later stages
+//! (`normalize` with `within_mask`) see it.
 //!
-//! Left out: learned or intensity-based brain extraction, erosion (negative `dilate_mm`), and
-//! hole filling; an empty mask is an error rather than a pass-through.
+//! The atlas method takes its heads from the node's `atlases` list, each with an `id`. An
+//! atlas whose id is the subject's id, or whose image is the subject's image file, is never
+//! used for that subject, so one list serves a dataset whose subjects are the atlases
+//! themselves (leave-one-out). Without `atlases` it takes one atlas and a ready transform
+//! from its inputs instead.
+//!
+//! Left out: learned brain extraction, erosion (negative `dilate_mm`); an empty mask is an
+//! error rather than a pass-through.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -17,7 +25,7 @@ use serde::Deserialize;
 use crate::io::read_volume;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
-use crate::skullstrip::{auto, dilate_mm, refine_boundary};
+use crate::skullstrip::{AtlasHead, AtlasParams, atlas, auto, dilate_mm, refine_boundary};
 use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
 use crate::volume::Volume;
 
@@ -32,7 +40,32 @@ use crate::volume::Volume;
 /// method = "mask"
 /// ```
 ///
-/// With the atlas's brain (`inputs = [subject scan, transform, atlas scan]`):
+/// With the brains of other heads (`inputs = [scan]`; each subject uses every listed atlas
+/// whose id is not its own):
+///
+/// ```toml
+/// [nodes.stripped]
+/// type = "skull_strip"
+/// inputs = ["head"]
+/// method = "atlas"
+///
+/// [[nodes.stripped.atlases]]
+/// id = "colin27"
+/// image = "colin27/ch2.nii.gz"
+/// mask = "colin27/ch2bet.nii.gz"
+///
+/// [[nodes.stripped.atlases]]
+/// id = "mni152"
+/// image = "mni152/MNI152_T1.nii.gz"
+/// mask = "mni152/MNI152_mask.nii.gz"
+///
+/// [nodes.stripped.atlas]              # optional: crate::skullstrip::AtlasParams
+/// register.resolution_mm = 2.0
+/// boundary.csf_fraction = 0.55
+/// ```
+///
+/// With one atlas's brain and a registration made elsewhere
+/// (`inputs = [subject scan, transform, atlas scan]`):
 ///
 /// ```toml
 /// [nodes.stripped]
@@ -57,6 +90,14 @@ pub struct SkullStripConfig {
     /// [`crate::skullstrip::refine_boundary`]. Default true.
     #[serde(default = "yes")]
     pub refine: bool,
+    /// For `"atlas"`: heads with skull and their brain masks, registered to each subject in
+    /// turn. Each subject uses those whose `id` differs from its own.
+    #[serde(default)]
+    pub atlases: Vec<AtlasHeadConfig>,
+    /// For `"atlas"` with `atlases`: registration and boundary settings
+    /// ([`crate::skullstrip::AtlasParams`]); `refine` above switches the boundary step.
+    #[serde(default)]
+    pub atlas: AtlasParams,
     /// For `"auto"`: the classical method's settings ([`crate::skullstrip::AutoParams`]),
     /// e.g. `[nodes.strip.auto] refine.csf_fraction = 0.3`.
     #[serde(default)]
@@ -65,6 +106,18 @@ pub struct SkullStripConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// One atlas head of a `skull_strip` node's `atlases` list.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtlasHeadConfig {
+    /// The id of the subject this head is (never used to strip that subject).
+    pub id: String,
+    /// The head image, with skull.
+    pub image: PathBuf,
+    /// Its brain mask on the same grid (inside: value > 0).
+    pub mask: PathBuf,
 }
 
 /// Where `skull_strip` takes its brain mask from.
@@ -83,9 +136,16 @@ pub enum StripMethod {
 
 impl StageConfig for SkullStripConfig {
     fn files(&self) -> Vec<(String, PathBuf)> {
+        let atlases = self.atlases.iter().flat_map(|a| {
+            [
+                (format!("atlases.{}.image", a.id), a.image.clone()),
+                (format!("atlases.{}.mask", a.id), a.mask.clone()),
+            ]
+        });
         self.mask
             .iter()
             .map(|m| ("mask".to_string(), m.clone()))
+            .chain(atlases)
             .collect()
     }
 
@@ -101,9 +161,30 @@ impl StageConfig for SkullStripConfig {
                 "skull_strip: `mask` applies to method = \"mask\" only".into(),
             ));
         }
+        if self.method != StripMethod::Atlas && !self.atlases.is_empty() {
+            return Err(BuildError::Invalid(
+                "skull_strip: `atlases` applies to method = \"atlas\" only".into(),
+            ));
+        }
+        let mut ids: Vec<&str> = self.atlases.iter().map(|a| a.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(BuildError::Invalid(format!(
+                "skull_strip: atlas id {:?} is listed twice",
+                w[0]
+            )));
+        }
+        let problems = self.atlas.register.problems();
+        if !problems.is_empty() {
+            return Err(BuildError::Invalid(format!(
+                "skull_strip: atlas.register: {}",
+                problems.join("; ")
+            )));
+        }
         Ok(Arc::new(SkullStrip {
             config: self,
             mask_file: OnceLock::new(),
+            atlas_heads: OnceLock::new(),
         }))
     }
 }
@@ -114,6 +195,8 @@ pub struct SkullStrip {
     config: SkullStripConfig,
     /// The `mask` file, read once and shared by every subject.
     mask_file: OnceLock<Result<Arc<Volume>, String>>,
+    /// The `atlases` heads, read once (on first use) and shared by every subject.
+    atlas_heads: OnceLock<Result<Arc<Vec<AtlasHead>>, String>>,
 }
 
 impl Stage for SkullStrip {
@@ -121,11 +204,14 @@ impl Stage for SkullStrip {
         crate::stage::StageKind::Compute
     }
 
-    fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+    fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let scan = inputs.scan(0)?;
         let grid = scan.image.grid();
         let mask = match self.config.method {
             StripMethod::Mask => self.own_mask(scan)?,
+            StripMethod::Atlas if !self.config.atlases.is_empty() => {
+                self.other_heads_mask(ctx, scan)?
+            }
             StripMethod::Atlas => {
                 let transform = match inputs.get(1)? {
                     Value::Transform(t) => t,
@@ -167,6 +253,34 @@ impl Stage for SkullStrip {
 }
 
 impl SkullStrip {
+    /// The atlas method with the `atlases` list: every head but the subject's own.
+    fn other_heads_mask(&self, ctx: &Context<'_>, scan: &Scan) -> Result<Volume, StageError> {
+        let heads = self
+            .atlas_heads
+            .get_or_init(|| load_atlases(&self.config.atlases).map(Arc::new))
+            .clone()
+            .map_err(StageError::Input)?;
+        let own = same_file(&scan.image.header.path);
+        let usable: Vec<&AtlasHead> = heads
+            .iter()
+            .filter(|h| h.id != ctx.subject && same_file(&h.image.header.path) != own)
+            .collect();
+        if usable.is_empty() {
+            return Err(StageError::Input(format!(
+                "skull_strip: subject {} ({}): no atlas head other than its own; list at \
+                 least one head with another id in `atlases`",
+                ctx.subject,
+                scan.image.header.path.display()
+            )));
+        }
+        let ids: Vec<&str> = usable.iter().map(|h| h.id.as_str()).collect();
+        tracing::debug!(subject = ctx.subject, atlases = ?ids, "Atlas heads chosen");
+        let mut params = self.config.atlas.clone();
+        params.refine = self.config.refine;
+        let stripped = atlas(&scan.image, &usable, &params).map_err(|e| failed(scan, e))?;
+        Ok(stripped.mask)
+    }
+
     /// The `mask` file if given (on the scan's grid), else the scan's own mask.
     fn own_mask(&self, scan: &Scan) -> Result<Volume, StageError> {
         let Some(path) = &self.config.mask else {
@@ -190,6 +304,37 @@ impl SkullStrip {
         tracing::debug!(file = %path.display(), "Resampling the mask file onto the scan's grid");
         Ok(resample(&file, &grid, Interp::Nearest, |p| p))
     }
+}
+
+/// Reads every atlas head and its mask (binarised: inside where the file's value is > 0).
+fn load_atlases(list: &[AtlasHeadConfig]) -> Result<Vec<AtlasHead>, String> {
+    list.iter()
+        .map(|a| {
+            let image = read_volume(&a.image).map_err(|e| format!("atlas {}: {e}", a.id))?;
+            let mask = read_volume(&a.mask).map_err(|e| format!("atlas {}: {e}", a.id))?;
+            if mask.shape != image.shape {
+                return Err(format!(
+                    "atlas {}: mask {} has shape {:?} but image {} has {:?}",
+                    a.id,
+                    a.mask.display(),
+                    mask.shape,
+                    a.image.display(),
+                    image.shape
+                ));
+            }
+            Ok(AtlasHead {
+                id: a.id.clone(),
+                mask: binarize(&mask),
+                image,
+            })
+        })
+        .collect()
+}
+
+/// A file's identity for "is this the subject's own head": its canonical path when it
+/// exists, else the path as given.
+fn same_file(path: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn failed(scan: &Scan, e: crate::skullstrip::SkullStripError) -> StageError {
@@ -265,6 +410,71 @@ mod tests {
         assert_eq!(plain.files().len(), 1);
         let bad: SkullStripConfig = toml::from_str("dilate_mm = -1").unwrap();
         assert!(bad.build().is_err());
+    }
+
+    #[test]
+    fn atlas_list_parses_and_is_checked() {
+        let list = r#"
+            method = "atlas"
+            [[atlases]]
+            id = "colin27"
+            image = "colin27/ch2.nii.gz"
+            mask = "colin27/ch2bet.nii.gz"
+            [[atlases]]
+            id = "mni152"
+            image = "mni152/MNI152_T1.nii.gz"
+            mask = "mni152/MNI152_mask.nii.gz"
+            [atlas]
+            register.resolution_mm = 3.0
+            boundary.csf_fraction = 0.4
+        "#;
+        let config: SkullStripConfig = toml::from_str(list).unwrap();
+        assert_eq!(config.atlases.len(), 2);
+        assert_eq!(config.atlas.register.resolution_mm, 3.0);
+        assert_eq!(config.atlas.boundary.csf_fraction, 0.4);
+        assert_eq!(
+            config.atlas.boundary.search_mm, 12.0,
+            "other atlas defaults kept"
+        );
+        assert_eq!(config.atlas.register.deformable.levels, [4, 2]);
+        let typo = list.replace("csf_fraction", "csf_fractoin");
+        let err = toml::from_str::<SkullStripConfig>(&typo).unwrap_err();
+        assert!(err.to_string().contains("csf_fractoin"), "{err}");
+        assert_eq!(config.files().len(), 4);
+        assert!(config.build().is_ok());
+        let twice = list.replace("\"mni152\"", "\"colin27\"");
+        let err = toml::from_str::<SkullStripConfig>(&twice)
+            .unwrap()
+            .build()
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("listed twice")));
+        let auto = list.replace("method = \"atlas\"", "method = \"auto\"");
+        let config: SkullStripConfig = toml::from_str(&auto).unwrap();
+        assert!(config.build().is_err(), "atlases with method auto");
+    }
+
+    #[test]
+    fn a_subject_is_never_stripped_with_its_own_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = Volume::new(vec![1.0; 27], [3, 3, 3], Affine::identity());
+        let (image, mask) = (dir.path().join("head.nii"), dir.path().join("mask.nii"));
+        crate::io::write_nifti(&image, &head, crate::volume::DataType::Float32).unwrap();
+        crate::io::write_nifti(&mask, &head, crate::volume::DataType::Float32).unwrap();
+        let config = format!(
+            "method = \"atlas\"\n[[atlases]]\nid = \"s1\"\nimage = {:?}\nmask = {:?}",
+            image.display().to_string(),
+            mask.display().to_string()
+        );
+        // The context's subject is "s1", the only atlas's id.
+        let err = run(&config, &[Value::Scan(Arc::new(Scan::from_image(head)))]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("s1") && text.contains("own"), "{text}");
+        // The same file under another id is the subject's own head too.
+        let renamed = config.replace("id = \"s1\"", "id = \"other\"");
+        let own = crate::io::read_volume(&image).unwrap();
+        let err = run(&renamed, &[Value::Scan(Arc::new(Scan::from_image(own)))]).unwrap_err();
+        assert!(err.to_string().contains("own"), "{err}");
     }
 
     fn run(config: &str, values: &[Value]) -> Result<Arc<Scan>, StageError> {

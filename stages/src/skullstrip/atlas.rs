@@ -1,0 +1,194 @@
+//! The atlas method: brain masks of other heads carried onto a subject by registration,
+//! fused by voting, and snapped to the subject's own brain boundary.
+//!
+//! Each atlas head (an image with skull and its brain mask) is registered to the subject's
+//! head with [`crate::register::register`] (affine, then deformable, skull included: the
+//! whole head is the best guide to where the brain is). Its mask is carried onto the subject's
+//! grid by linear interpolation, the carried masks are averaged, and voxels where at least
+//! half of the atlases agree are kept. [`super::refine_boundary`] then moves that outline to
+//! the subject's tissue boundary: it keeps the fused shape where the image cannot tell (the
+//! cut through the brainstem, the skull base) and replaces the atlases' own edge conventions
+//! by the subject's tissue edge plus a share of the dark layer around it.
+//!
+//! Which atlases may strip which subject is the caller's business; the `skull_strip` stage
+//! leaves out every atlas whose id is the subject's (see `stages/skull_strip.rs`).
+//!
+//! Limitation: the atlases are registered one after another, each taking most of the time
+//! (about 20 s at 2 mm on one CPU thread); batching them is left to the registration.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use tracing::{debug, info};
+
+use crate::register::{RegisterConfig, register};
+use crate::resample::{Interp, warp};
+use crate::stage::Scan;
+use crate::volume::Volume;
+
+use super::strip::{RefineParams, SkullStripError, StripResult, mask_volume_ml, refine_boundary};
+
+/// A head with skull and its brain mask, on the same grid.
+#[derive(Clone, Debug)]
+pub struct AtlasHead {
+    /// A name for logs and errors, and for telling the subject's own head apart.
+    pub id: String,
+    /// The head image (with skull).
+    pub image: Volume,
+    /// Its brain mask (inside: value ≥ 0.5).
+    pub mask: Volume,
+}
+
+/// Settings of [`atlas`].
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AtlasParams {
+    /// How each atlas head is registered to the subject. Default: 2 mm, affine then
+    /// deformable on levels 4 and 2 (the finest level adds little to a mask). Keys given
+    /// here override these defaults one by one.
+    #[serde(deserialize_with = "over_default_register")]
+    pub register: RegisterConfig,
+    /// Snap the fused mask to the subject's boundary. Default true.
+    pub refine: bool,
+    /// The snapping ([`refine_boundary`]). Defaults differ from `auto`'s: a search band of
+    /// 12 mm, since a carried mask carries its atlas's convention for the CSF around the brain
+    /// (up to 5 mm apart between the bundled references); growth of 22 mm from white matter,
+    /// so cortex at the far side of that band is still reached; a CSF margin of 10 mm. Keys
+    /// given here override these defaults one by one.
+    #[serde(deserialize_with = "over_default_boundary")]
+    pub boundary: RefineParams,
+}
+
+impl Default for AtlasParams {
+    fn default() -> AtlasParams {
+        let mut register = RegisterConfig::default();
+        register.deformable.levels = vec![4, 2];
+        register.deformable.iterations = vec![200, 100];
+        AtlasParams {
+            register,
+            refine: true,
+            boundary: RefineParams {
+                search_mm: 12.0,
+                grow_mm: 22.0,
+                csf_margin_mm: 10.0,
+                ..RefineParams::default()
+            },
+        }
+    }
+}
+
+/// `given` laid over `base`, table by table, so a partial table keeps the other defaults.
+fn merge(base: &mut toml::Table, given: toml::Table) {
+    for (key, value) in given {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(g)) => merge(b, g),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// Deserializes a partial table over `default` (serde's own `default` would start the
+/// nested type from its own defaults, losing the atlas method's).
+fn over_default<'de, D, T>(d: D, default: T) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    use serde::Deserialize;
+    use serde::de::Error;
+    let given = toml::Table::deserialize(d)?;
+    let mut base = toml::Table::try_from(default).map_err(D::Error::custom)?;
+    merge(&mut base, given);
+    T::deserialize(toml::Value::Table(base)).map_err(D::Error::custom)
+}
+
+fn over_default_register<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<RegisterConfig, D::Error> {
+    over_default(d, AtlasParams::default().register)
+}
+
+fn over_default_boundary<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RefineParams, D::Error> {
+    over_default(d, AtlasParams::default().boundary)
+}
+
+/// Strips `head` with the brain masks of `atlases`: each registered to `head`, its mask
+/// carried over, a majority vote (a voxel is in when the mean carried mask is at least 0.5;
+/// with two atlases either one suffices), then [`refine_boundary`] with `params.boundary`
+/// unless `params.refine` is false.
+///
+/// The caller chooses the atlases; never pass the subject's own head or mask (its Dice
+/// against that mask would mean nothing).
+///
+/// # Errors
+/// [`SkullStripError::NoAtlas`] for an empty list, [`SkullStripError::ShapeMismatch`] when an
+/// atlas mask is not on its image's grid, [`SkullStripError::Registration`] naming the atlas
+/// when its registration fails, and the errors of [`refine_boundary`].
+pub fn atlas(
+    head: &Volume,
+    atlases: &[&AtlasHead],
+    params: &AtlasParams,
+) -> Result<StripResult, SkullStripError> {
+    if atlases.is_empty() {
+        return Err(SkullStripError::NoAtlas);
+    }
+    let fixed = Scan::from_image(head.clone());
+    let grid = head.grid();
+    let mut sum = vec![0.0f32; head.len()];
+    for a in atlases {
+        if a.mask.shape != a.image.shape {
+            return Err(SkullStripError::ShapeMismatch {
+                what: "atlas mask",
+                got: a.mask.shape,
+                want: a.image.shape,
+            });
+        }
+        let t = Instant::now();
+        let moving = Scan::from_image(a.image.clone());
+        let transform = register(&moving, &fixed, &params.register).map_err(|e| {
+            SkullStripError::Registration {
+                atlas: a.id.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let carried = warp(&binary(&a.mask), &transform, &grid, Interp::Linear);
+        sum.par_iter_mut()
+            .zip(carried.frame(0))
+            .for_each(|(s, &c)| *s += c);
+        info!(
+            atlas = %a.id,
+            seconds = t.elapsed().as_secs_f64(),
+            carried_ml = mask_volume_ml(&carried),
+            "Atlas mask carried"
+        );
+    }
+    let n = atlases.len() as f32;
+    let fused = head.with_data(
+        sum.par_iter()
+            .map(|&s| if s / n >= 0.5 { 1.0 } else { 0.0 })
+            .collect(),
+    );
+    debug!(fused_ml = mask_volume_ml(&fused), "Atlas masks fused");
+    let mask = if params.refine {
+        refine_boundary(head, &fused, &params.boundary)?
+    } else {
+        fused
+    };
+    let brain_volume_ml = mask_volume_ml(&mask);
+    Ok(StripResult {
+        mask,
+        brain_volume_ml,
+    })
+}
+
+/// A mask as 0/1 (inside: ≥ 0.5), so linear interpolation of it gives a share of inside.
+fn binary(mask: &Volume) -> Volume {
+    mask.with_data(
+        mask.frame(0)
+            .par_iter()
+            .map(|&x| if x >= 0.5 { 1.0 } else { 0.0 })
+            .collect(),
+    )
+}
