@@ -79,6 +79,10 @@ pub struct Normalize {
 }
 
 impl Stage for Normalize {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec::exactly(1, "[scan]"))
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let scan = inputs.scan(0)?;
         let file = scan.image.header.path.display().to_string();

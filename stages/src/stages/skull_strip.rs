@@ -200,6 +200,14 @@ pub struct SkullStrip {
 }
 
 impl Stage for SkullStrip {
+    fn inputs(&self) -> Option<crate::stage::InputSpec> {
+        Some(crate::stage::InputSpec {
+            min: 1,
+            max: 3,
+            what: "[scan], or [scan, registration, atlas scan] for the single-atlas form",
+        })
+    }
+
     fn kind(&self) -> crate::stage::StageKind {
         crate::stage::StageKind::Compute
     }
