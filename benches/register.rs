@@ -197,10 +197,13 @@ fn main() {
             }
             let t = Instant::now();
             let mut command = Command::new(&exe);
-            // As the `voxflow` binary does: OpenMP threads sleep instead of spinning between
+            // As the `voxflow` binary does: OpenMP threads spin briefly, then sleep, between
             // operations, unless the caller chose otherwise.
-            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-                command.env("OMP_WAIT_POLICY", "PASSIVE");
+            if ["GOMP_SPINCOUNT", "OMP_WAIT_POLICY"]
+                .iter()
+                .all(|v| std::env::var_os(v).is_none())
+            {
+                command.env("GOMP_SPINCOUNT", "1000");
             }
             let out = command
                 .args(["--case", moving, fixed, &res.to_string()])
