@@ -14,7 +14,7 @@
 //! leaves out every atlas whose id is the subject's (see `stages/skull_strip.rs`).
 //!
 //! Limitation: the atlases are registered one after another, each taking most of the time
-//! (about 20 s at 2 mm on one CPU thread); batching them is left to the registration.
+//! (about 4 s at 2 mm on two CPU cores); batching them is left to the registration.
 
 use std::time::Instant;
 
