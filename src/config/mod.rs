@@ -145,6 +145,10 @@ pub struct PipelineFile {
 }
 
 /// Keys of a node table that the engine consumes; everything else goes to the stage.
+/// Largest `concurrency` or `channel_capacity` accepted: each unit may hold a subject's
+/// volumes (hundreds of MB) or a thread, so larger values only exhaust memory.
+const MAX_ENGINE_COUNT: usize = 1024;
+
 const ENGINE_KEYS: &[&str] = &["type", "inputs", "concurrency", "channel_capacity"];
 
 /// Converts byte offsets to 1-based `(line, column)`.
@@ -314,10 +318,13 @@ fn settings(
         Some(o) => PathBuf::from(expand_or_report(o)),
         None => Path::new("out").join(&name),
     };
-    if parsed.channel_capacity == Some(0) {
+    if parsed
+        .channel_capacity
+        .is_some_and(|c| !(1..=MAX_ENGINE_COUNT).contains(&c))
+    {
         report(
             wire.map(|w| w.span().start),
-            "[pipeline]: channel_capacity must be at least 1".into(),
+            format!("[pipeline]: channel_capacity must be between 1 and {MAX_ENGINE_COUNT}"),
         );
     }
     Settings {
@@ -376,11 +383,13 @@ fn node_spec(
     let positive = |key: &str, report: &mut dyn FnMut(usize, String)| -> Option<usize> {
         match values.get(key).map(|v| v.get_ref()) {
             None => None,
-            Some(toml::Value::Integer(n)) if *n >= 1 => Some(*n as usize),
+            Some(toml::Value::Integer(n)) if (1..=MAX_ENGINE_COUNT as i64).contains(n) => {
+                Some(*n as usize)
+            }
             Some(_) => {
                 report(
                     at(key),
-                    format!("`{key}` must be a whole number of at least 1"),
+                    format!("`{key}` must be a whole number from 1 to {MAX_ENGINE_COUNT}"),
                 );
                 None
             }
@@ -420,6 +429,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<PipelineFile, ConfigErrors> {
         PipelineFile::parse(Path::new("p.toml"), text)
+    }
+
+    #[test]
+    fn absurd_capacities_are_rejected_before_running() {
+        for text in [
+            "[pipeline]\nchannel_capacity = 9223372036854775807\n[nodes.a]\ntype = \"load\"\n",
+            "[nodes.a]\ntype = \"load\"\nconcurrency = 100000\n",
+        ] {
+            let errors = parse(text).err().map(|e| e.to_string());
+            assert!(
+                errors.as_ref().is_some_and(|e| e.contains("1024")),
+                "{text}: {errors:?}"
+            );
+        }
     }
 
     #[test]

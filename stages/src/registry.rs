@@ -131,6 +131,39 @@ mod tests {
     }
 
     #[test]
+    fn register_rejects_values_that_cannot_work() {
+        for (text, named) in [
+            ("deformable.step = nan", "deformable.step"),
+            ("deformable.step = -1.0", "deformable.step"),
+            ("deformable.field_sigma = -0.5", "deformable.field_sigma"),
+            (
+                "deformable.levels = [1, 2, 4]\ndeformable.iterations = [1, 1, 1]",
+                "coarse to fine",
+            ),
+            ("resolution_mm = 500.0", "resolution_mm"),
+            ("resolution_mm = 0.0001", "resolution_mm"),
+        ] {
+            let params: toml::Table = toml::from_str(text).unwrap();
+            let err = build("register", params).err().map(|e| e.to_string());
+            assert!(
+                err.as_ref().is_some_and(|e| e.contains(named)),
+                "{text}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn libtorch_errors_lose_their_stack_trace() {
+        let err = tch::Tensor::f_ones([2, 3], (tch::Kind::Float, tch::Device::Cpu))
+            .and_then(|a| a.f_matmul(&a))
+            .map(|_| ())
+            .unwrap_err();
+        let message = crate::stage::StageError::from(err).to_string();
+        assert!(message.starts_with("libtorch: "), "{message}");
+        assert!(!message.contains("frame #"), "{message}");
+    }
+
+    #[test]
     fn register_builds_with_defaults_and_rejects_typos() {
         assert!(build("register", toml::Table::new()).is_ok());
         let params: toml::Table = toml::from_str("resolution_m = 2.0").unwrap();

@@ -47,7 +47,7 @@ use crate::stage::{Context, Inputs, Scan, Stage, StageError, StageKind, Transfor
 use crate::volume::{Affine, Grid, Volume};
 use greedy::Field;
 use ops::{
-    apply_affine, grid_with_spacing, index_points, resample_grid, sample, tensor_volume,
+    apply_affine, grid_with_spacing, index_points, resample_grid, sample, scalar, tensor_volume,
     volume_tensor, world_to_normalised,
 };
 use pyramid::OnGrid;
@@ -70,6 +70,11 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Finest registration grid spacing accepted (mm).
+const MIN_RESOLUTION_MM: f64 = 0.25;
+/// Coarsest registration grid spacing accepted (mm).
+const MAX_RESOLUTION_MM: f64 = 16.0;
 
 /// Where the tensors live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -267,6 +272,40 @@ impl RegisterConfig {
                 "deformable.levels and deformable.iterations must be non-empty and equally long"
                     .into(),
             );
+        }
+        let positive = |name: &str, v: f64, out: &mut Vec<String>| {
+            if !(v.is_finite() && v > 0.0) {
+                out.push(format!("{name} must be a positive number, got {v}"));
+            }
+        };
+        let non_negative = |name: &str, v: f64, out: &mut Vec<String>| {
+            if !(v.is_finite() && v >= 0.0) {
+                out.push(format!("{name} must be zero or more, got {v}"));
+            }
+        };
+        positive("deformable.step", d.step, &mut out);
+        positive("affine.step", a.step, &mut out);
+        non_negative("deformable.update_sigma", d.update_sigma, &mut out);
+        non_negative("deformable.field_sigma", d.field_sigma, &mut out);
+        non_negative("deformable.tolerance", d.tolerance, &mut out);
+        non_negative("affine.tolerance", a.tolerance, &mut out);
+        if self.resolution_mm.is_finite()
+            && !(MIN_RESOLUTION_MM..=MAX_RESOLUTION_MM).contains(&self.resolution_mm)
+        {
+            out.push(format!(
+                "resolution_mm must be between {MIN_RESOLUTION_MM} and {MAX_RESOLUTION_MM} mm, got {}",
+                self.resolution_mm
+            ));
+        }
+        for (name, levels) in [
+            ("affine.levels", &a.levels),
+            ("deformable.levels", &d.levels),
+        ] {
+            if levels.windows(2).any(|w| w[0] < w[1]) {
+                out.push(format!(
+                    "{name} must go from coarse to fine (largest factor first), got {levels:?}"
+                ));
+            }
         }
         if d.field_shrink == 0 {
             out.push("deformable.field_shrink must be at least 1".into());
@@ -561,6 +600,18 @@ fn finish(
             },
         });
     };
+    let bad = scalar(
+        &field
+            .u
+            .f_isfinite()?
+            .f_logical_not()?
+            .f_sum(tch::Kind::Int64)?,
+    )?;
+    if bad > 0.0 {
+        return Err(StageError::Data(format!(
+            "registration diverged: {bad} non-finite displacement values"
+        )));
+    }
     let quality = field::quality(&field, loss)?;
     let inverse = if with_inverse {
         Some(Arc::new(field::inverse_transform(

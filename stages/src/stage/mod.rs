@@ -263,8 +263,20 @@ pub enum StageError {
     #[error("{0}")]
     Data(String),
     /// libtorch reported an error.
-    #[error("libtorch: {0}")]
+    #[error("libtorch: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
+}
+
+/// libtorch's message without the C++ stack trace it appends (`Exception raised from …`,
+/// `frame #N: …`), which says nothing to a user and buries the reason in reports.
+fn torch_message(e: &tch::TchError) -> String {
+    let full = e.to_string();
+    let cut = ["Exception raised from", "frame #"]
+        .iter()
+        .filter_map(|m| full.find(m))
+        .min()
+        .unwrap_or(full.len());
+    full[..cut].trim_end().to_string()
 }
 
 /// A pipeline step. Implementations are built from their `*Config` by the registry.

@@ -330,6 +330,15 @@ fn subject_id(root: &Path, dir: &Path) -> String {
     parts.join("_")
 }
 
+/// Whether `id` can name a folder inside the output folder and nothing else: one path
+/// component, not `.` or `..`, no separators or control characters.
+pub(crate) fn is_plain_name(id: &str) -> bool {
+    !id.is_empty()
+        && id != "."
+        && id != ".."
+        && !id.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
 /// Reads a manifest with columns `subject`, `image` and optionally `labels` and `mask`.
 fn read_manifest(path: &Path) -> Result<Vec<SubjectEntry>, StageError> {
     let fail = |what: String| StageError::Input(format!("manifest {}: {what}", path.display()));
@@ -367,6 +376,12 @@ fn read_manifest(path: &Path) -> Result<Vec<SubjectEntry>, StageError> {
         if id.is_empty() || image.is_empty() {
             return Err(fail(format!(
                 "line {line}: subject and image must not be empty"
+            )));
+        }
+        if !is_plain_name(id) {
+            return Err(fail(format!(
+                "line {line}: subject id {id:?} must be a plain name (no `/`, `\\`, `..`, \
+                 control characters): it names the subject's output folder"
             )));
         }
         entries.push(SubjectEntry {
@@ -512,6 +527,18 @@ mod tests {
     fn manifest_rejects_unknown_columns_and_duplicate_ids() {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("m.csv");
+        for id in ["../../escaped", "/tmp/abs", "..", "a/b"] {
+            std::fs::write(&manifest, format!("subject,image\n{id},a.nii\n")).unwrap();
+            let err = dataset(&format!("manifest = {manifest:?}"))
+                .subjects()
+                .unwrap()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("plain name") && err.contains("line 2"),
+                "{err}"
+            );
+        }
         std::fs::write(&manifest, "subject,image,lables\na,a.nii,b.nii\n").unwrap();
         let err = dataset(&format!("manifest = {manifest:?}"))
             .subjects()

@@ -77,6 +77,15 @@ impl Stage for Write {
                 "write: needs a segmentation or a scan with a mask among its inputs".into(),
             ));
         }
+        // Dataset ids are checked when listed; a stage built another way must not escape
+        // the output folder either.
+        if !crate::stages::dataset::is_plain_name(ctx.subject) {
+            return Err(StageError::Input(format!(
+                "subject id {:?} is not a plain name; refusing to write outside {}",
+                ctx.subject,
+                ctx.output_dir.display()
+            )));
+        }
         let dir = ctx.output_dir.join(ctx.subject);
         std::fs::create_dir_all(&dir).map_err(|error| IoError::Os {
             path: dir.clone(),
