@@ -374,6 +374,22 @@ fn a_wrong_number_of_inputs_is_named_with_its_line() {
 }
 
 #[test]
+fn a_load_with_both_a_file_and_an_input_is_caught_by_validate() {
+    let (code, msg) = broken(|p| {
+        p.replacen(
+            "inputs = [\"subjects\"]",
+            "inputs = [\"subjects\"]\nimage = \"elsewhere.nii.gz\"",
+            1,
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `scan`") && msg.contains("takes 0 inputs"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_bogus_log_level_is_a_usage_error() {
     let out = voxflow(
         &[

@@ -85,10 +85,10 @@ pub struct Load {
 
 impl Stage for Load {
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec {
-            min: 0,
-            max: 1,
-            what: "[dataset], or none with `image` set",
+        Some(if self.config.image.is_some() {
+            crate::stage::InputSpec::exactly(0, "none: `image` names the file")
+        } else {
+            crate::stage::InputSpec::exactly(1, "[dataset], or none with `image` set")
         })
     }
 

@@ -201,11 +201,16 @@ pub struct SkullStrip {
 
 impl Stage for SkullStrip {
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec {
-            min: 1,
-            max: 3,
-            what: "[scan], or [scan, registration, atlas scan] for the single-atlas form",
-        })
+        Some(
+            if self.config.method == StripMethod::Atlas && self.config.atlases.is_empty() {
+                crate::stage::InputSpec::exactly(
+                    3,
+                    "[scan, registration, atlas scan] when no `atlases` are listed",
+                )
+            } else {
+                crate::stage::InputSpec::exactly(1, "[scan]")
+            },
+        )
     }
 
     fn kind(&self) -> crate::stage::StageKind {
