@@ -49,7 +49,18 @@ impl Pipeline {
     /// # Errors
     /// Every problem found, each naming the file, line and node.
     pub fn build(file: PipelineFile) -> Result<Pipeline, ConfigErrors> {
-        let mut errors = Vec::new();
+        Pipeline::build_checked(file, Vec::new())
+    }
+
+    /// [`Pipeline::build`] for a file whose parsing already found `errors`: the graph checks
+    /// still run, and every problem is returned together.
+    ///
+    /// # Errors
+    /// `errors` and every problem the checks find, sorted by position.
+    pub fn build_checked(
+        file: PipelineFile,
+        mut errors: Vec<ConfigError>,
+    ) -> Result<Pipeline, ConfigErrors> {
         let mut stages = Vec::with_capacity(file.nodes.len());
         for node in &file.nodes {
             let stage = build_stage(&file, node, &mut errors);

@@ -20,5 +20,6 @@ use graph::Pipeline;
 /// # Errors
 /// Every problem found, each naming the file, line and node.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, ConfigErrors> {
-    Pipeline::build(PipelineFile::load(path)?)
+    let (file, errors) = PipelineFile::load_partial(path)?;
+    Pipeline::build_checked(file, errors)
 }

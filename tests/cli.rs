@@ -374,6 +374,17 @@ fn a_wrong_number_of_inputs_is_named_with_its_line() {
 }
 
 #[test]
+fn validate_lists_settings_and_graph_problems_together() {
+    let (code, msg) = broken(|p| {
+        p.replacen("name = \"test-oneshot\"", "nmae = \"test-oneshot\"", 1)
+            .replace("inputs = [\"atlas_norm\", \"norm\"]", "inputs = [\"norm\"]")
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("nmae"), "{msg}");
+    assert!(msg.contains("takes 2 inputs"), "{msg}");
+}
+
+#[test]
 fn a_load_with_both_a_file_and_an_input_is_caught_by_validate() {
     let (code, msg) = broken(|p| {
         p.replacen(

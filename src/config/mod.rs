@@ -179,6 +179,17 @@ impl PipelineFile {
     /// # Errors
     /// Every problem found, each located in the file.
     pub fn load(path: &Path) -> Result<PipelineFile, ConfigErrors> {
+        let (file, errors) = PipelineFile::load_partial(path)?;
+        finish(file, errors)
+    }
+
+    /// Like [`PipelineFile::load`], but when every node could be read it returns the file
+    /// together with the problems found in settings, variables and parameters, so the graph
+    /// checks can add theirs and `validate` lists everything at once.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed as TOML, or a node is malformed.
+    pub fn load_partial(path: &Path) -> Result<(PipelineFile, Vec<ConfigError>), ConfigErrors> {
         let text = fs_err::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
@@ -187,7 +198,7 @@ impl PipelineFile {
                 message: format!("cannot read pipeline file: {}", io_reason(&e)),
             }])
         })?;
-        PipelineFile::parse(path, &text)
+        PipelineFile::parse_partial(path, &text)
     }
 
     /// Parses pipeline text that came from `path` (used in messages and for the default name).
@@ -195,6 +206,18 @@ impl PipelineFile {
     /// # Errors
     /// Every problem found, each located in the file.
     pub fn parse(path: &Path, text: &str) -> Result<PipelineFile, ConfigErrors> {
+        let (file, errors) = PipelineFile::parse_partial(path, text)?;
+        finish(file, errors)
+    }
+
+    /// Parses pipeline text; see [`PipelineFile::load_partial`].
+    ///
+    /// # Errors
+    /// When the text is not TOML or a node is malformed (then every problem found so far).
+    pub fn parse_partial(
+        path: &Path,
+        text: &str,
+    ) -> Result<(PipelineFile, Vec<ConfigError>), ConfigErrors> {
         let lines = LineIndex::new(text);
         let err = |offset: Option<usize>, node: Option<&str>, message: String| ConfigError {
             file: path.to_path_buf(),
@@ -223,24 +246,27 @@ impl PipelineFile {
             ));
         }
         let mut nodes = Vec::new();
+        let mut malformed = false;
         for (name, table) in &wire.nodes {
             let node_name = name.get_ref().as_str();
             let mut report = |o: usize, m: String| errors.push(err(Some(o), Some(node_name), m));
-            if let Some(node) = node_spec(name, table, &vars, &lines, &mut report) {
-                nodes.push(node);
+            match node_spec(name, table, &vars, &lines, &mut report) {
+                Some(node) => nodes.push(node),
+                None => malformed = true,
             }
         }
 
-        if errors.is_empty() {
-            Ok(PipelineFile {
-                path: path.to_path_buf(),
-                settings,
-                nodes,
-            })
-        } else {
+        let file = PipelineFile {
+            path: path.to_path_buf(),
+            settings,
+            nodes,
+        };
+        if malformed {
+            // A node is missing: graph checks would report every input naming it as dangling.
             errors.sort_by_key(|e| e.position);
-            Err(ConfigErrors(errors))
+            return Err(ConfigErrors(errors));
         }
+        Ok((file, errors))
     }
 
     /// An error located at `key` of `node` (or at the node's header if the key is absent).
@@ -255,6 +281,15 @@ impl PipelineFile {
             message,
         }
     }
+}
+
+/// The file, or its problems sorted by position.
+fn finish(file: PipelineFile, mut errors: Vec<ConfigError>) -> Result<PipelineFile, ConfigErrors> {
+    if errors.is_empty() {
+        return Ok(file);
+    }
+    errors.sort_by_key(|e| e.position);
+    Err(ConfigErrors(errors))
 }
 
 fn io_reason(e: &std::io::Error) -> String {
