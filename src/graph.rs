@@ -213,19 +213,33 @@ fn build_stage(
         }
         Err(e) => {
             let message = e.to_string();
-            let key = backticked(&message)
-                .filter(|k| node.key_lines.contains_key(*k))
-                .map(str::to_string);
-            let message = match key {
-                Some(ref k) if message.starts_with("unknown field") => {
+            let word = backticked(&message).map(str::to_string);
+            // The key's own line, or for a key of a sub-table (`[nodes.x.deformable]`) the
+            // sub-table's line: nested values carry no positions of their own.
+            let line_key = word.as_deref().and_then(|k| {
+                if node.key_lines.contains_key(k) {
+                    return Some(k.to_string());
+                }
+                node.params
+                    .iter()
+                    .find(|(_, v)| v.as_table().is_some_and(|t| t.contains_key(k)))
+                    .map(|(table, _)| table.clone())
+            });
+            let message = match (&word, &line_key) {
+                (Some(k), Some(at)) if message.starts_with("unknown field") => {
+                    let place = if at == k {
+                        String::new()
+                    } else {
+                        format!(" in [{at}]")
+                    };
                     format!(
-                        "unknown parameter `{k}` for type {:?}: {message}",
+                        "unknown parameter `{k}`{place} for type {:?}: {message}",
                         node.kind
                     )
                 }
                 _ => message,
             };
-            errors.push(file.error_at(node, key.as_deref(), message));
+            errors.push(file.error_at(node, line_key.as_deref(), message));
             None
         }
     }

@@ -385,6 +385,27 @@ fn validate_lists_settings_and_graph_problems_together() {
 }
 
 #[test]
+fn a_typo_in_a_sub_table_points_at_that_table() {
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "[nodes.segment]",
+            "[nodes.register.deformable]\nstpe = 1.0\n\n[nodes.segment]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("`stpe` in [deformable]"), "{msg}");
+    let line = msg
+        .split("broken.toml:")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = oneshot(&data(), "x", 4.0, &tmp.path().join("o"));
+    let expected = text.lines().position(|l| l == "[nodes.segment]").unwrap() + 1;
+    assert_eq!(line.parse::<usize>().unwrap(), expected, "{msg}");
+}
+
+#[test]
 fn a_load_with_both_a_file_and_an_input_is_caught_by_validate() {
     let (code, msg) = broken(|p| {
         p.replacen(
