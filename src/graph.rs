@@ -194,7 +194,8 @@ fn build_stage(
         Ok(built) => {
             for (param, path) in &built.files {
                 if !path.exists() {
-                    let message = format!("`{param}`: {} does not exist", path.display());
+                    let message =
+                        format!("`{param}`: {:?} does not exist", path.display().to_string());
                     errors.push(file.error_at(node, Some(param), message));
                 }
             }

@@ -194,7 +194,15 @@ fn report_config_errors(errors: &voxflow::config::ConfigErrors) -> ExitCode {
 }
 
 fn set_threads(threads: Option<usize>) {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = threads.unwrap_or(cores);
+    if n > cores {
+        tracing::warn!(
+            threads = n,
+            cores,
+            "More threads than cores: they will take turns, which is slower, not faster"
+        );
+    }
     tch::set_num_threads(n as i32);
     tch::set_num_interop_threads(1);
     // The global pool may already exist only if something used rayon before: then keep it.
