@@ -9,9 +9,10 @@
 //! greedy variants score within 0.01 Dice of their symmetric ones at several times less
 //! time), which the CPU budget cannot afford.
 //!
-//! The field is kept in voxel units of the current level's grid (channels `(i, j, k)`), so
-//! the warped image is `M(A(F·(x + u(x))))` with `F` the level grid's affine; the result is
-//! converted to world millimetres only at the end. The step direction is Adam's normalised
+//! The field is kept in voxel units of its own grid (channels `(i, j, k)`), by default twice
+//! as coarse as the level's images (`field_shrink`), so the warped image is
+//! `M(A(F·(x + u(x))))` with `F` the field grid's affine and `u` upsampled trilinearly to the
+//! level's voxels; the result is converted to world millimetres only at the end. The step direction is Adam's normalised
 //! moment of `∂loss/∂warped · ∇warped` (the derivative w.r.t. a right-composed update),
 //! smoothed by `update_sigma` voxels and scaled by `step` voxels.
 
