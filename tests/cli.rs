@@ -346,17 +346,29 @@ fn a_typoed_parameter_is_named_with_its_line() {
         msg.contains("resolution_m") && msg.contains("node `register`"),
         "{msg}"
     );
-    let line = msg
-        .split("broken.toml:")
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l.starts_with("resolution_mm")),
+        "{msg}"
+    );
+}
+
+/// The line number of the first `broken.toml:LINE:` location in a `validate` message.
+fn first_error_line(msg: &str) -> usize {
+    msg.split("broken.toml:")
         .nth(1)
         .and_then(|s| s.split(':').next())
-        .unwrap();
-    let expected = oneshot(&data(), "x", 4.0, Path::new("o"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no location in {msg}"))
+}
+
+/// The 1-based line of the test pipeline (as `broken` starts from) that `pick` chooses.
+fn line_of(pick: impl Fn(&str) -> bool) -> usize {
+    oneshot(&data(), "x", 4.0, Path::new("o"))
         .lines()
-        .position(|l| l.starts_with("resolution_mm"))
-        .unwrap()
-        + 1;
-    assert_eq!(line.parse::<usize>().unwrap(), expected, "{msg}");
+        .position(pick)
+        .expect("line in the test pipeline")
+        + 1
 }
 
 #[test]
@@ -394,15 +406,11 @@ fn a_typo_in_a_sub_table_points_at_that_table() {
     });
     assert_eq!(code, Some(2), "{msg}");
     assert!(msg.contains("`stpe` in [deformable]"), "{msg}");
-    let line = msg
-        .split("broken.toml:")
-        .nth(1)
-        .and_then(|s| s.split(':').next())
-        .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let text = oneshot(&data(), "x", 4.0, &tmp.path().join("o"));
-    let expected = text.lines().position(|l| l == "[nodes.segment]").unwrap() + 1;
-    assert_eq!(line.parse::<usize>().unwrap(), expected, "{msg}");
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "[nodes.segment]"),
+        "{msg}"
+    );
 }
 
 #[test]
