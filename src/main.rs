@@ -145,8 +145,33 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
     match command {
         Command::Validate { file } => Ok(match voxflow::load_pipeline(&file) {
             Ok(p) => {
-                println!("{}: ok ({} nodes)", file.display(), p.nodes.len());
-                ExitCode::SUCCESS
+                // Listing the dataset is cheap (names, not volumes) and catches a pattern or
+                // manifest that names no subject before a night's run finds it.
+                let Some(source) = p.nodes.iter().find(|n| n.source) else {
+                    println!("{}: ok ({} nodes)", file.display(), p.nodes.len());
+                    return Ok(ExitCode::SUCCESS);
+                };
+                match source.stage.subjects() {
+                    Some(Err(e)) => {
+                        eprintln!(
+                            "error: {}:{}:1: node `{}`: cannot list the dataset: {e}",
+                            file.display(),
+                            source.spec.line,
+                            source.spec.name
+                        );
+                        ExitCode::from(2)
+                    }
+                    listed => {
+                        let n = listed.and_then(Result::ok).map_or(0, |s| s.len());
+                        println!(
+                            "{}: ok ({} nodes, {n} subject{})",
+                            file.display(),
+                            p.nodes.len(),
+                            if n == 1 { "" } else { "s" }
+                        );
+                        ExitCode::SUCCESS
+                    }
+                }
             }
             Err(errors) => report_config_errors(&errors),
         }),

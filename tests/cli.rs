@@ -430,6 +430,17 @@ fn a_load_with_both_a_file_and_an_input_is_caught_by_validate() {
 }
 
 #[test]
+fn a_dataset_pattern_that_matches_nothing_fails_validate() {
+    let (code, msg) =
+        broken(|p| p.replace("pattern = \"oasis_like_subject\"", "pattern = \"nobody_*\""));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `subjects`") && msg.contains("cannot list the dataset"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_bogus_log_level_is_a_usage_error() {
     let out = voxflow(
         &[
