@@ -26,7 +26,7 @@ use super::ops::{
     apply_affine, gradient_times, index_points, linear, sample, scalar, world_to_normalised,
 };
 use super::pyramid::Level;
-use super::similarity::{Evaluated, FixedNcc, Loss, evaluate};
+use super::similarity::Measure;
 use crate::stage::StageError;
 use crate::volume::Affine;
 
@@ -130,31 +130,6 @@ fn axis_rotations(reflections: bool) -> Vec<Matrix3<f64>> {
     out
 }
 
-/// A similarity measure set up for one level: local NCC keeps the fixed image's window
-/// statistics, computed once instead of at every step.
-enum Measure {
-    Ncc(FixedNcc),
-    Other(Loss, i64),
-}
-
-impl Measure {
-    fn new(level: &Level, loss: Loss, window: i64) -> Result<Measure, StageError> {
-        Ok(match loss {
-            Loss::Ncc => Measure::Ncc(FixedNcc::new(&level.fixed, level.weight.as_ref(), window)?),
-            other => Measure::Other(other, window),
-        })
-    }
-
-    fn evaluate(&self, level: &Level, warped: &Tensor) -> Result<Evaluated, StageError> {
-        match self {
-            Measure::Ncc(ncc) => ncc.evaluate(warped),
-            Measure::Other(loss, window) => {
-                evaluate(*loss, &level.fixed, warped, level.weight.as_ref(), *window)
-            }
-        }
-    }
-}
-
 /// The derivative of the loss w.r.t. (`lin`, `t`).
 type Gradient = (Matrix3<f64>, Vector3<f64>);
 
@@ -169,7 +144,7 @@ fn loss_and_grad(
     let a = params.affine();
     let coords = apply_affine(world, &(world_to_normalised(&level.moving_grid) * a))?;
     let warped = sample(&level.moving, &coords, false)?;
-    let ev = measure.evaluate(level, &warped)?;
+    let ev = measure.evaluate(&warped)?;
     if !with_grad {
         return Ok((ev.value, None));
     }
@@ -236,7 +211,12 @@ fn optimise(
     let mut v = [0.0f64; 12];
     let mut history = Vec::with_capacity(iterations);
     let mut value = f64::NAN;
-    let measure = Measure::new(level, config.loss, config.window)?;
+    let measure = Measure::new(
+        config.loss,
+        &level.fixed,
+        level.weight.as_ref(),
+        config.window,
+    )?;
     for it in 0..iterations {
         let (loss, grad) = loss_and_grad(level, &world, params, &measure, true)?;
         value = loss;
@@ -331,7 +311,12 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
         &coarsest.grid.affine,
     )?;
     let mut scored = Vec::with_capacity(candidates.len());
-    let measure = Measure::new(coarsest, config.loss, config.window)?;
+    let measure = Measure::new(
+        config.loss,
+        &coarsest.fixed,
+        coarsest.weight.as_ref(),
+        config.window,
+    )?;
     for p in candidates {
         let (value, _) = loss_and_grad(coarsest, &world, &p, &measure, false)?;
         scored.push((value, p));

@@ -27,7 +27,7 @@ use super::ops::{
     index_points, index_to_normalised, linear, mix_channels, sample, scalar, world_to_normalised,
 };
 use super::pyramid::Level;
-use super::similarity::{FixedNcc, Loss, evaluate};
+use super::similarity::Measure;
 use crate::resample::inverse;
 use crate::stage::StageError;
 use crate::volume::{Affine, Grid};
@@ -152,14 +152,12 @@ fn run_level(
         &index_to_normalised(&field.grid),
     )?;
     let scale = normalised_scale(&field.grid, device)?;
-    let ncc = match config.loss {
-        Loss::Ncc => Some(FixedNcc::new(
-            &level.fixed,
-            level.weight.as_ref(),
-            config.window,
-        )?),
-        _ => None,
-    };
+    let measure = Measure::new(
+        config.loss,
+        &level.fixed,
+        level.weight.as_ref(),
+        config.window,
+    )?;
     let (b1, b2) = (0.9f64, 0.999f64);
     let mut m = field.u.f_zeros_like()?;
     let mut v = field.u.f_zeros_like()?;
@@ -169,16 +167,7 @@ fn run_level(
         let pts = upsample(&mix_channels(&field.u, &to_sample)?.f_add_(&base)?)?;
         // A channels-last view: `grid_sample` reads it through its strides, no copy.
         let warped = sample(&level.moving, &channels_last(&pts)?, false)?;
-        let ev = match &ncc {
-            Some(ncc) => ncc.evaluate(&warped)?,
-            None => evaluate(
-                config.loss,
-                &level.fixed,
-                &warped,
-                level.weight.as_ref(),
-                config.window,
-            )?,
-        };
+        let ev = measure.evaluate(&warped)?;
         let g = pool(gradient_times(&warped, &ev.grad)?)?;
         if it == 0 {
             // Adam's floor at the gradient's RMS, so weakly textured regions (background, the

@@ -164,6 +164,53 @@ impl FixedNcc {
     }
 }
 
+/// A similarity measure bound to one fixed image (and weight map) for many evaluations:
+/// local NCC keeps the fixed image's window statistics, computed once instead of per step.
+pub(crate) enum Measure {
+    /// Local NCC with its precomputed fixed side.
+    Ncc(FixedNcc),
+    /// Any other measure, evaluated afresh each time.
+    Other {
+        loss: Loss,
+        fixed: Tensor,
+        weight: Option<Tensor>,
+        window: i64,
+    },
+}
+
+impl Measure {
+    /// `loss` against `fixed`, weighting voxels by `weight`.
+    pub(crate) fn new(
+        loss: Loss,
+        fixed: &Tensor,
+        weight: Option<&Tensor>,
+        window: i64,
+    ) -> Result<Measure, StageError> {
+        Ok(match loss {
+            Loss::Ncc => Measure::Ncc(FixedNcc::new(fixed, weight, window)?),
+            loss => Measure::Other {
+                loss,
+                fixed: fixed.shallow_clone(),
+                weight: weight.map(Tensor::shallow_clone),
+                window,
+            },
+        })
+    }
+
+    /// The value and derivative for `warped`.
+    pub(crate) fn evaluate(&self, warped: &Tensor) -> Result<Evaluated, StageError> {
+        match self {
+            Measure::Ncc(ncc) => ncc.evaluate(warped),
+            Measure::Other {
+                loss,
+                fixed,
+                weight,
+                window,
+            } => evaluate(*loss, fixed, warped, weight.as_ref(), *window),
+        }
+    }
+}
+
 /// Local NCC of `warped` against `fixed` (see [`FixedNcc::evaluate`]), fixed statistics
 /// included.
 pub(crate) fn local_ncc(

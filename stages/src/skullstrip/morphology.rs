@@ -56,14 +56,11 @@ pub(crate) fn erode_bits(
     spacing: [f64; 3],
     mm: f64,
 ) -> Vec<bool> {
-    if mm <= 0.0 {
-        return bits.to_vec();
-    }
+    // Erosion is the complement of the background dilated by the same ball.
     let outside: Vec<bool> = bits.iter().map(|&b| !b).collect();
-    let r2 = (mm * mm) as f32 * (1.0 + 1e-5);
-    squared_distance(&outside, shape, spacing)
-        .iter()
-        .map(|&d| d > r2)
+    dilate_bits(&outside, shape, spacing, mm)
+        .into_iter()
+        .map(|b| !b)
         .collect()
 }
 
