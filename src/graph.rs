@@ -67,6 +67,13 @@ impl Pipeline {
             if let Some(spec) = stage.as_ref().and_then(|s| s.inputs()) {
                 check_input_count(&file, node, spec, &mut errors);
             }
+            if node.batch > 1 && stage.as_ref().is_some_and(|s| !s.batches()) {
+                let message = format!(
+                    "type {:?} works on one subject at a time; `batch` applies to `register`",
+                    node.kind
+                );
+                errors.push(file.error_at(node, Some("batch"), message));
+            }
             stages.push(stage);
         }
 

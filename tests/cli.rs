@@ -240,7 +240,10 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
 
     let out = tmp.path().join("out");
     let pipeline = tmp.path().join("dataset.toml");
-    std::fs::write(&pipeline, oneshot(&root, "s*", 4.0, &out)).unwrap();
+    // The two good subjects are registered in one batch; the bad ones fail before it.
+    let batched = oneshot(&root, "s*", 4.0, &out)
+        .replace("type = \"register\"", "type = \"register\"\nbatch = 2");
+    std::fs::write(&pipeline, batched).unwrap();
     let run = voxflow(
         &["run", pipeline.to_str().unwrap(), "--no-progress"],
         tmp.path(),
@@ -261,6 +264,15 @@ fn dataset_run_reports_bad_subjects_and_finishes_the_others() {
     };
     let failures = json["failures"].as_array().expect("failures list");
     let failure = |id: &str| failures.iter().find(|f| f["subject"] == id).cloned();
+    // One batch: each subject is charged half of its time.
+    let register_seconds = |id: &str| {
+        let s = by_id(id);
+        let timings = s["timings"].as_array().cloned().unwrap_or_default();
+        let t = timings.iter().find(|t| t["node"] == "register");
+        t.and_then(|t| t["seconds"].as_f64())
+            .unwrap_or_else(|| panic!("{id}: no register timing in {s}"))
+    };
+    assert_eq!(register_seconds("s1_real"), register_seconds("s2_shifted"));
     for good in ["s1_real", "s2_shifted"] {
         let s = by_id(good);
         assert_eq!(s["ok"], true, "{good}: {s}");
@@ -383,6 +395,28 @@ fn a_wrong_number_of_inputs_is_named_with_its_line() {
         "{msg}"
     );
     assert!(msg.contains("broken.toml:"), "{msg}");
+}
+
+#[test]
+fn batch_on_a_node_that_cannot_batch_is_named_with_its_line() {
+    let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segment\"\nbatch = 4"));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `segment`") && msg.contains("`batch` applies to `register`"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "type = \"segment\"") + 1,
+        "{msg}"
+    );
+    let (code, msg) =
+        broken(|p| p.replace("type = \"register\"", "type = \"register\"\nbatch = 0"));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("`batch` must be a whole number from 1 to"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -125,6 +125,8 @@ pub struct NodeSpec {
     pub concurrency: usize,
     /// Capacity of the channel feeding this node, if set.
     pub channel_capacity: Option<usize>,
+    /// Most subjects handed to the stage in one call (1: one at a time).
+    pub batch: usize,
     /// The stage's own parameters, `${VAR}`s expanded.
     pub params: toml::Table,
     /// Line of the node's header.
@@ -145,11 +147,11 @@ pub struct PipelineFile {
 }
 
 /// Keys of a node table that the engine consumes; everything else goes to the stage.
-/// Largest `concurrency` or `channel_capacity` accepted: each unit may hold a subject's
+/// Largest `concurrency`, `channel_capacity` or `batch` accepted: each unit may hold a subject's
 /// volumes (hundreds of MB) or a thread, so larger values only exhaust memory.
 const MAX_ENGINE_COUNT: usize = 1024;
 
-const ENGINE_KEYS: &[&str] = &["type", "inputs", "concurrency", "channel_capacity"];
+const ENGINE_KEYS: &[&str] = &["type", "inputs", "concurrency", "channel_capacity", "batch"];
 
 /// Converts byte offsets to 1-based `(line, column)`.
 pub(crate) struct LineIndex {
@@ -432,6 +434,7 @@ fn node_spec(
     };
     let concurrency = positive("concurrency", report).unwrap_or(1);
     let channel_capacity = positive("channel_capacity", report);
+    let batch = positive("batch", report).unwrap_or(1);
 
     let mut params = toml::Table::new();
     for (key, value) in &values {
@@ -452,6 +455,7 @@ fn node_spec(
         inputs,
         concurrency,
         channel_capacity,
+        batch,
         params,
         line: lines.line(header),
         key_lines,

@@ -314,11 +314,13 @@ fn spawn_node(
         match kind {
             StageKind::Compute => {
                 let name = format!("{}-{worker}", spec.name);
+                let batch = spec.batch;
                 let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                    while let Ok(record) = rx.recv_blocking() {
-                        let record = step(&shared, node, record);
-                        if tx.send_blocking(record).is_err() {
-                            break;
+                    while let Some(records) = next_batch(&rx, batch) {
+                        for record in step_batch(&shared, node, records) {
+                            if tx.send_blocking(record).is_err() {
+                                return;
+                            }
                         }
                     }
                 });
@@ -348,69 +350,193 @@ fn spawn_node(
     }
 }
 
+/// Waits for the next records of a compute node: up to `batch` subjects still on their way
+/// (failed ones ride along without counting), or fewer once the channel closes. `None` when
+/// the channel is closed and drained.
+///
+/// A batch waits for its last subject rather than starting short: a node that batches is
+/// slower per call than its upstream nodes (registration on a GPU), so waiting costs
+/// nothing while upstream keeps producing, and the batch stays full.
+fn next_batch(rx: &Receiver<Record>, batch: usize) -> Option<Vec<Record>> {
+    let mut records = vec![rx.recv_blocking().ok()?];
+    let mut live = usize::from(records[0].failure.is_none());
+    while live < batch {
+        let Ok(record) = rx.recv_blocking() else {
+            break;
+        };
+        live += usize::from(record.failure.is_none());
+        records.push(record);
+    }
+    Some(records)
+}
+
 /// Runs node `node` on one record, catching failures and panics.
 fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
-    let spec = &shared.pipeline.nodes[node].spec;
     if record.failure.is_none() {
+        let spec = &shared.pipeline.nodes[node].spec;
         let started = Instant::now();
         let span = info_span!("stage", stage = %spec.name, subject = %record.id);
         let result = span.in_scope(|| {
             std::panic::catch_unwind(AssertUnwindSafe(|| process(shared, node, &record)))
+                .unwrap_or_else(|panic| Err(panic_reason(panic)))
         });
-        let seconds = started.elapsed().as_secs_f64();
-        record.timings.push((spec.name.clone(), seconds));
-        match result {
-            Ok(Ok(value)) => record.values[node] = Some(value),
-            Ok(Err(reason)) => {
-                warn!(subject = %record.id, node = %spec.name, reason = %reason, "Subject failed");
-                record.failure = Some((spec.name.clone(), reason));
+        settle(
+            shared,
+            node,
+            &mut record,
+            result,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    release(shared, node, record)
+}
+
+/// Runs node `node` on several records in one [`Stage::process_batch`] call; records that
+/// failed upstream pass through. If the batch call panics, each subject is run again on its
+/// own, so one subject's bad data cannot fail the others.
+///
+/// [`Stage::process_batch`]: voxflow_stages::stage::Stage::process_batch
+fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record> {
+    let live: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].failure.is_none())
+        .collect();
+    if live.len() < 2 {
+        return records.into_iter().map(|r| step(shared, node, r)).collect();
+    }
+    let n = &shared.pipeline.nodes[node];
+    let started = Instant::now();
+    let span = info_span!("batch", stage = %n.spec.name, subjects = live.len());
+    let results = span.in_scope(|| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut ready = Vec::new();
+            let mut outcome: Vec<Option<Result<Value, String>>> = vec![None; live.len()];
+            for (slot, &i) in live.iter().enumerate() {
+                match gather(shared, node, &records[i]) {
+                    Ok(values) => ready.push((slot, context(shared, node, &records[i]), values)),
+                    Err(reason) => outcome[slot] = Some(Err(reason)),
+                }
             }
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".to_string());
-                let reason = format!("internal error: {what}");
-                warn!(subject = %record.id, node = %spec.name, reason = %reason, "Subject failed");
-                record.failure = Some((spec.name.clone(), reason));
+            let items: Vec<(Context<'_>, Inputs<'_>)> = ready
+                .iter()
+                .map(|(_, ctx, values)| {
+                    (
+                        ctx.clone(),
+                        Inputs {
+                            values: values.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let done = n.stage.process_batch(&items);
+            for ((slot, _, _), result) in ready.iter().zip(done) {
+                outcome[*slot] = Some(result.map_err(|e| e.to_string()));
             }
+            outcome
+        }))
+    });
+    let Ok(results) = results else {
+        warn!(node = %n.spec.name, subjects = live.len(),
+            "A batch panicked; running its subjects one at a time");
+        return records.into_iter().map(|r| step(shared, node, r)).collect();
+    };
+    // Each subject is charged an equal share of the batch's time.
+    let seconds = started.elapsed().as_secs_f64() / live.len() as f64;
+    let mut results = results.into_iter();
+    let mut out = Vec::with_capacity(records.len());
+    for mut record in records {
+        if record.failure.is_none() {
+            let result = results
+                .next()
+                .flatten()
+                .unwrap_or_else(|| Err("the stage returned no result for this subject".into()));
+            settle(shared, node, &mut record, result, seconds);
+        }
+        out.push(release(shared, node, record));
+    }
+    out
+}
+
+/// Records a stage's result for one subject: its value, or its failure (logged now, so a
+/// quick failure is not held behind slow subjects).
+fn settle(
+    shared: &Shared,
+    node: usize,
+    record: &mut Record,
+    result: Result<Value, String>,
+    seconds: f64,
+) {
+    let name = &shared.pipeline.nodes[node].spec.name;
+    record.timings.push((name.clone(), seconds));
+    match result {
+        Ok(value) => record.values[node] = Some(value),
+        Err(reason) => {
+            warn!(subject = %record.id, node = %name, reason = %reason, "Subject failed");
+            record.failure = Some((name.clone(), reason));
         }
     }
+}
+
+fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
+    let what = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string());
+    format!("internal error: {what}")
+}
+
+/// Drops the values no later node reads (scores stay for the report) and advances the
+/// node's progress bar.
+fn release(shared: &Shared, node: usize, mut record: Record) -> Record {
     for (i, value) in record.values.iter_mut().enumerate() {
         let keep = matches!(value, Some(Value::Scores(_)));
         if shared.last_use[i] <= node && !keep {
             *value = None;
         }
     }
+    let name = &shared.pipeline.nodes[node].spec.name;
     shared
         .progress
-        .advance(&spec.name, &record.id, record.failure.is_some());
+        .advance(name, &record.id, record.failure.is_some());
     record
 }
 
-fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, String> {
-    let n = &shared.pipeline.nodes[node];
-    let mut values = Vec::with_capacity(n.inputs.len());
-    for &j in &n.inputs {
-        let source = if shared.pipeline.nodes[j].per_subject {
+/// The values node `node` reads for `record`, in its declared input order.
+fn gather<'a>(
+    shared: &'a Shared,
+    node: usize,
+    record: &'a Record,
+) -> Result<Vec<(&'a str, &'a Value)>, String> {
+    let nodes = &shared.pipeline.nodes;
+    let mut values = Vec::with_capacity(nodes[node].inputs.len());
+    for &j in &nodes[node].inputs {
+        let source = if nodes[j].per_subject {
             &record.values
         } else {
             &shared.constants
         };
-        let name = shared.pipeline.nodes[j].spec.name.as_str();
+        let name = nodes[j].spec.name.as_str();
         match &source[j] {
             Some(v) => values.push((name, v)),
             None => return Err(format!("input `{name}` has no value for this subject")),
         }
     }
-    let ctx = Context {
+    Ok(values)
+}
+
+fn context<'a>(shared: &'a Shared, node: usize, record: &'a Record) -> Context<'a> {
+    Context {
         subject: &record.id,
         output_dir: &shared.output,
-        node: &n.spec.name,
-    };
-    n.stage
-        .process(&ctx, &Inputs { values })
+        node: &shared.pipeline.nodes[node].spec.name,
+    }
+}
+
+fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, String> {
+    let values = gather(shared, node, record)?;
+    shared.pipeline.nodes[node]
+        .stage
+        .process(&context(shared, node, record), &Inputs { values })
         .map_err(|e| e.to_string())
 }
 
@@ -433,6 +559,7 @@ fn finish_sinks(shared: &Shared, summary: &RunSummary) -> anyhow::Result<Vec<Pat
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -508,6 +635,7 @@ mod tests {
             inputs: Vec::new(),
             concurrency: 1,
             channel_capacity: capacity,
+            batch: 1,
             params: toml::Table::new(),
             line: 1,
             key_lines: Default::default(),
@@ -592,5 +720,77 @@ mod tests {
         assert_eq!(node, "enter");
         assert!(reason.contains("stage bug"), "{reason}");
         assert_eq!(failure("s004"), None);
+    }
+
+    /// Records the size of each batch it is handed; a batch holding `s007` panics, and
+    /// `s007` alone fails.
+    #[derive(Default)]
+    struct Batcher {
+        sizes: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Stage for Batcher {
+        fn kind(&self) -> StageKind {
+            StageKind::Compute
+        }
+
+        fn batches(&self) -> bool {
+            true
+        }
+
+        fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+            if ctx.subject == "s007" {
+                return Err(StageError::Data("bad alone".into()));
+            }
+            Ok(inputs.get(0)?.clone())
+        }
+
+        fn process_batch(
+            &self,
+            items: &[(Context<'_>, Inputs<'_>)],
+        ) -> Vec<Result<Value, StageError>> {
+            self.sizes.lock().unwrap().push(items.len());
+            assert!(
+                items.iter().all(|(c, _)| c.subject != "s007"),
+                "s007 in a batch"
+            );
+            items.iter().map(|(c, i)| self.process(c, i)).collect()
+        }
+    }
+
+    /// Subjects reach a batching node in groups of at most `batch`; ones that failed upstream
+    /// ride along without counting, and a batch that panics is rerun one subject at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batching_node_gets_full_batches_and_survives_a_panic() {
+        let counter = Arc::new(InFlight::default());
+        let batcher = Arc::new(Batcher::default());
+        let mut p = pipeline(10, 4, &counter);
+        let mut last = node("batcher", batcher.clone(), vec![2], Some(4));
+        last.spec.batch = 3;
+        p.nodes.push(last);
+        let options = RunOptions {
+            output: Some(std::env::temp_dir().join("voxflow-run-test-batch")),
+            bars: None,
+        };
+        let outcome = run(p, options).await.unwrap();
+        assert_eq!(outcome.summary.subjects.len(), 10);
+        let failed: BTreeMap<String, String> = outcome
+            .summary
+            .subjects
+            .iter()
+            .filter_map(|s| {
+                s.failure
+                    .clone()
+                    .map(|(n, r)| (s.subject.clone(), format!("{n}: {r}")))
+            })
+            .collect();
+        let ids: Vec<&str> = failed.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["s003", "s005", "s007"]);
+        assert_eq!(failed["s003"], "enter: bad scan");
+        assert_eq!(failed["s007"], "batcher: bad alone");
+        let sizes = batcher.sizes.lock().unwrap().clone();
+        // Eight subjects reach the batcher: batches of three, the one with s007 rerun alone.
+        assert!(sizes.iter().all(|&n| (2..=3).contains(&n)), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 8, "{sizes:?}");
     }
 }

@@ -146,7 +146,7 @@ fn loss_and_grad(
     let warped = sample(&level.moving, &coords, false)?;
     let ev = measure.evaluate(&warped)?;
     if !with_grad {
-        return Ok((ev.value, None));
+        return Ok((ev.value(), None));
     }
     // Row vectors: ∇M(q)ᵀ = ∇ₓWᵀ · (A_lin F_lin)⁻¹.
     let g_x = gradient_times(&warped, &ev.grad)?;
@@ -175,7 +175,7 @@ fn loss_and_grad(
     let g_lin: Vec<f64> = Vec::try_from(&g_lin.f_to_device(tch::Device::Cpu)?)?;
     let g_t: Vec<f64> = Vec::try_from(&g_t.f_to_device(tch::Device::Cpu)?)?;
     Ok((
-        ev.value,
+        ev.value(),
         Some((
             Matrix3::from_row_slice(&g_lin),
             Vector3::from_column_slice(&g_t),
@@ -215,6 +215,7 @@ fn optimise(
         config.loss,
         &level.fixed,
         level.weight.as_ref(),
+        None,
         config.window,
     )?;
     for it in 0..iterations {
@@ -315,6 +316,7 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
         config.loss,
         &coarsest.fixed,
         coarsest.weight.as_ref(),
+        None,
         config.window,
     )?;
     for p in candidates {

@@ -209,7 +209,11 @@ mod tests {
     #[test]
     fn folding_field_has_nonpositive_jacobians_and_identity_has_none() {
         let g = grid(9);
-        let zero = Field::zeros(&g, Device::Cpu).unwrap();
+        let [ni, nj, nk] = g.shape.map(|n| n as i64);
+        let zero = Field {
+            u: Tensor::zeros([1, 3, nk, nj, ni], (tch::Kind::Float, Device::Cpu)),
+            grid: g,
+        };
         let q = quality(&zero, 0.0).unwrap();
         assert_eq!(q.nonpositive_jacobian_pct, 0.0);
         assert!(q.log_jacobian_std < 1e-6);

@@ -19,8 +19,9 @@
 //! its spatial gradient) under `no_grad`: autograd through `grid_sample` costs seconds per
 //! step on a CPU at 2 mm. Only MI uses autograd, on its histogram alone.
 //!
-//! Limitation: one subject per call; batching several subjects on one device (one kernel
-//! launch for all) is not done, so a GPU is under-used on small grids.
+//! With `batch = N` on the node, the engine hands the stage up to N subjects at once and
+//! their deformable stages run as one batch on the device ([`register_batch`]): every
+//! tensor holds all of them, padded to one shape, so a GPU runs one kernel where it ran N.
 //! Limitation: the moving scan's mask is ignored; only the fixed mask restricts the
 //! similarity.
 
@@ -32,6 +33,7 @@ mod ops;
 mod pyramid;
 mod similarity;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -367,6 +369,52 @@ impl Stage for RegisterStage {
         let t = tch::no_grad(|| run(moving, fixed, &self.config, self.model.as_deref(), device))?;
         Ok(Value::Transform(Arc::new(t)))
     }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    /// Subjects registered to the same atlas scan (the usual case: one constant atlas) form
+    /// one batch; a subject with its own atlas runs alone.
+    fn process_batch(&self, items: &[(Context<'_>, Inputs<'_>)]) -> Vec<Result<Value, StageError>> {
+        let mut out: Vec<Option<Result<Value, StageError>>> = items.iter().map(|_| None).collect();
+        let device = match self.config.device.resolve() {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = e.to_string();
+                return items
+                    .iter()
+                    .map(|_| Err(StageError::Input(reason.clone())))
+                    .collect();
+            }
+        };
+        // (atlas scan, [(item, subject scan)]).
+        type Group<'a> = (&'a Arc<Scan>, Vec<(usize, &'a Scan)>);
+        let mut groups: Vec<Group<'_>> = Vec::new();
+        for (n, (_, inputs)) in items.iter().enumerate() {
+            match (inputs.scan(0), inputs.scan(1)) {
+                (Ok(moving), Ok(fixed)) => {
+                    match groups.iter_mut().find(|(m, _)| Arc::ptr_eq(m, moving)) {
+                        Some((_, members)) => members.push((n, fixed)),
+                        None => groups.push((moving, vec![(n, fixed)])),
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => out[n] = Some(Err(e)),
+            }
+        }
+        for (moving, members) in groups {
+            let fixed: Vec<&Scan> = members.iter().map(|&(_, f)| f).collect();
+            let done = tch::no_grad(|| {
+                run_batch(moving, &fixed, &self.config, self.model.as_deref(), device)
+            });
+            for ((n, _), t) in members.into_iter().zip(done) {
+                out[n] = Some(t.map(|t| Value::Transform(Arc::new(t))));
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StageError::Input("no inputs".into()))))
+            .collect()
+    }
 }
 
 impl StageConfig for RegisterConfig {
@@ -410,6 +458,43 @@ pub fn register(
         None => None,
     };
     tch::no_grad(|| run(moving, fixed, config, model.as_deref(), device))
+}
+
+/// Registers `moving` (the atlas) to each of `fixed` in one batch (see the stage's `batch`
+/// setting): one result per fixed scan, in order, each what [`register`] would give up to
+/// the padding's edge effects.
+///
+/// # Errors
+/// Per subject, as [`register`]; a configuration or device problem fails every subject.
+pub fn register_batch(
+    moving: &Scan,
+    fixed: &[&Scan],
+    config: &RegisterConfig,
+) -> Vec<Result<Transform, StageError>> {
+    let setup = || -> Result<(Device, Option<Arc<Model>>), StageError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StageError::Input(problems.join("; ")));
+        }
+        let device = config.device.resolve()?;
+        let model = match &config.model {
+            Some(path) => Some(Model::load(path, device)?),
+            None => None,
+        };
+        Ok((device, model))
+    };
+    match setup() {
+        Ok((device, model)) => {
+            tch::no_grad(|| run_batch(moving, fixed, config, model.as_deref(), device))
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            fixed
+                .iter()
+                .map(|_| Err(StageError::Input(reason.clone())))
+                .collect()
+        }
+    }
 }
 
 /// The 99th percentile of the positive values of `data` (1 if there are none).
@@ -507,6 +592,146 @@ fn mask_weight(scan: &Scan, grid: &Grid, device: Device) -> Result<Option<Tensor
     Ok(Some(resample_grid(&binary, &mask.grid(), grid, false)?))
 }
 
+/// A subject prepared and aligned, waiting for the deformable stage.
+struct Aligned {
+    levels: BTreeMap<u32, pyramid::Level>,
+    affine: Affine,
+    started: Instant,
+    aligned: f64,
+}
+
+/// Resamples `fixed`, builds its pyramid against `moving_on` and finds the affine.
+fn align_one(
+    moving_on: &OnGrid,
+    fixed: &Scan,
+    config: &RegisterConfig,
+    deformable: bool,
+    device: Device,
+) -> Result<Aligned, StageError> {
+    let started = Instant::now();
+    let fixed_on = prepare(fixed, config.resolution_mm, device)?;
+    let weight = mask_weight(fixed, &fixed_on.grid, device)?;
+    let affine_levels = config.affine_levels();
+    let mut factors = affine_levels.clone();
+    if deformable {
+        factors.extend(&config.deformable.levels);
+    }
+    factors.push(1);
+    let levels = pyramid::build(&fixed_on, weight.as_ref(), moving_on, &factors)?;
+    let pick = |fs: &[u32]| fs.iter().filter_map(|f| levels.get(f)).collect::<Vec<_>>();
+    let affine = affine::align(&pick(&affine_levels), &config.affine)?;
+    Ok(Aligned {
+        aligned: started.elapsed().as_secs_f64(),
+        levels,
+        affine,
+        started,
+    })
+}
+
+/// Registers `moving` to each of `fixed`, with one result per fixed scan in order.
+///
+/// Each subject is resampled and aligned (affine) on its own; the deformable stage then runs
+/// for all of them at once, one batch on the device. If the batch fails (on a GPU: too
+/// large for its memory) each subject's deformable stage is run again on its own, so a
+/// batch never costs a subject its result.
+///
+/// Limitation: only the deformable stage is batched. The affine stage (a few hundred small
+/// steps per subject) and a TorchScript `model` run one subject at a time, so on a GPU they
+/// stay bound by kernel launches.
+fn run_batch(
+    moving: &Scan,
+    fixed: &[&Scan],
+    config: &RegisterConfig,
+    model: Option<&Model>,
+    device: Device,
+) -> Vec<Result<Transform, StageError>> {
+    let moving_on = match prepare(moving, config.resolution_mm, device) {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = format!("atlas (moving) image: {e}");
+            return fixed
+                .iter()
+                .map(|_| Err(StageError::Data(reason.clone())))
+                .collect();
+        }
+    };
+    let deformable = config.deformable.enabled && model.is_none();
+    let mut results: Vec<Result<Aligned, StageError>> = fixed
+        .iter()
+        .map(|f| align_one(&moving_on, f, config, deformable, device))
+        .collect();
+    // Each subject's deformable result (field, final loss), once its stage ran.
+    type Deformed = Result<(Option<Field>, f64), StageError>;
+    let mut fields: Vec<Option<Deformed>> = (0..fixed.len()).map(|_| None).collect();
+    if deformable {
+        let ready: Vec<usize> = (0..fixed.len()).filter(|&b| results[b].is_ok()).collect();
+        let subjects: Vec<greedy::Subject<'_>> = ready
+            .iter()
+            .filter_map(|&b| results[b].as_ref().ok())
+            .map(|a| greedy::Subject {
+                levels: config
+                    .deformable
+                    .levels
+                    .iter()
+                    .filter_map(|f| a.levels.get(f))
+                    .collect(),
+                affine: a.affine,
+            })
+            .collect();
+        let deformed = match greedy::deform(&subjects, &config.deformable) {
+            Ok(all) => all.into_iter().map(Ok).collect(),
+            Err(e) if subjects.len() > 1 => {
+                tracing::warn!(subjects = subjects.len(), error = %e,
+                    "Batched registration failed; registering its subjects one at a time");
+                subjects
+                    .iter()
+                    .map(|s| {
+                        greedy::deform(std::slice::from_ref(s), &config.deformable)?
+                            .pop()
+                            .ok_or_else(|| StageError::Data("no field".into()))
+                    })
+                    .collect()
+            }
+            Err(e) => vec![Err(e)],
+        };
+        for (&b, d) in ready.iter().zip(deformed) {
+            fields[b] = Some(d.map(|(f, loss)| (Some(f), loss)));
+        }
+    }
+    results
+        .iter_mut()
+        .zip(fields)
+        .map(|(aligned, field)| {
+            let a = std::mem::replace(aligned, Err(StageError::Data(String::new())))?;
+            let reg = &a.levels[&1];
+            let (field, loss) = match field {
+                Some(f) => f?,
+                None => match model {
+                    Some(model) => {
+                        let moved = affine_moved(reg, &a.affine)?;
+                        (
+                            Some(model.predict(&moved, &reg.fixed, &reg.grid)?),
+                            f64::NAN,
+                        )
+                    }
+                    None => (None, f64::NAN),
+                },
+            };
+            let field = field.map(|f| f.resampled(&reg.grid)).transpose()?;
+            let deformed = a.started.elapsed().as_secs_f64();
+            let result = finish(field, a.affine, loss, reg, &moving_on.grid, config.inverse)?;
+            tracing::debug!(
+                aligned = a.aligned,
+                deformed,
+                total = a.started.elapsed().as_secs_f64(),
+                nonpositive_jacobian_pct = result.quality.nonpositive_jacobian_pct,
+                "Registration done"
+            );
+            Ok(result)
+        })
+        .collect()
+}
+
 fn run(
     moving: &Scan,
     fixed: &Scan,
@@ -514,52 +739,9 @@ fn run(
     model: Option<&Model>,
     device: Device,
 ) -> Result<Transform, StageError> {
-    let start = Instant::now();
-    let fixed_on = prepare(fixed, config.resolution_mm, device)?;
-    let moving_on = prepare(moving, config.resolution_mm, device)?;
-    let weight = mask_weight(fixed, &fixed_on.grid, device)?;
-    let affine_levels = config.affine_levels();
-    let mut factors = affine_levels.clone();
-    if config.deformable.enabled && model.is_none() {
-        factors.extend(&config.deformable.levels);
-    }
-    factors.push(1);
-    let resampled = start.elapsed().as_secs_f64();
-    let levels = pyramid::build(&fixed_on, weight.as_ref(), &moving_on, &factors)?;
-    let pick = |fs: &[u32]| fs.iter().filter_map(|f| levels.get(f)).collect::<Vec<_>>();
-    let prepared = start.elapsed().as_secs_f64();
-
-    let affine = affine::align(&pick(&affine_levels), &config.affine)?;
-    let aligned = start.elapsed().as_secs_f64();
-    let reg = &levels[&1];
-    let (field, loss) = if let Some(model) = model {
-        let moved = affine_moved(reg, &affine)?;
-        (
-            Some(model.predict(&moved, &reg.fixed, &reg.grid)?),
-            f64::NAN,
-        )
-    } else if config.deformable.enabled {
-        let (f, loss) = greedy::deform(
-            &pick(&config.deformable.levels),
-            &affine,
-            &config.deformable,
-        )?;
-        (Some(f.resampled(&reg.grid)?), loss)
-    } else {
-        (None, f64::NAN)
-    };
-    let deformed = start.elapsed().as_secs_f64();
-    let result = finish(field, affine, loss, reg, &moving_on.grid, config.inverse)?;
-    tracing::debug!(
-        resampled,
-        prepared,
-        aligned,
-        deformed,
-        total = start.elapsed().as_secs_f64(),
-        nonpositive_jacobian_pct = result.quality.nonpositive_jacobian_pct,
-        "Registration done"
-    );
-    Ok(result)
+    run_batch(moving, &[fixed], config, model, device)
+        .pop()
+        .expect("one result per fixed scan")
 }
 
 /// The moving image carried onto the fixed level grid by `affine`.

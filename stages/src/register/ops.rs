@@ -106,7 +106,7 @@ pub(crate) fn apply_affine(points: &Tensor, m: &Affine) -> Result<Tensor, StageE
     Ok(points.f_matmul(&lin_t)?.f_add(&shift)?)
 }
 
-/// Samples `image` (`[1, C, D, H, W]`) at normalised `coords` (`[1, D', H', W', 3]`):
+/// Samples `image` (`[B, C, D, H, W]`) at normalised `coords` (`[B, D', H', W', 3]`):
 /// trilinear, zeros outside (`border = false`) or the nearest edge value (`border = true`).
 pub(crate) fn sample(image: &Tensor, coords: &Tensor, border: bool) -> Result<Tensor, StageError> {
     Ok(image.f_grid_sampler_3d(coords, 0, i64::from(border), true)?)
@@ -175,7 +175,7 @@ fn gaussian_kernel(sigma: f64) -> Vec<f32> {
     raw.iter().map(|v| (v / total) as f32).collect()
 }
 
-/// Separable Gaussian smoothing of every channel of a `[1, C, D, H, W]` tensor, with σ (in
+/// Separable Gaussian smoothing of every channel of a `[B, C, D, H, W]` tensor, with σ (in
 /// voxels) given per volume axis `(i, j, k)`; zero padding; σ ≤ 0 skips that axis.
 ///
 /// Each 1D pass is a sum of shifted, weighted views of the padded tensor (the kernel is
@@ -213,7 +213,7 @@ pub(crate) fn gaussian(x: &Tensor, sigma: [f64; 3]) -> Result<Tensor, StageError
     Ok(out)
 }
 
-/// Box sums over a `(2r+1)³` window of every channel of a `[1, C, D, H, W]` tensor, zero
+/// Box sums over a `(2r+1)³` window of every channel of a `[B, C, D, H, W]` tensor, zero
 /// outside: separable, one padding for all axes, then `2r` additions of shifted views per
 /// axis. On a CPU this beats cumulative sums (whose pass along the outermost axis strides
 /// through memory) for the windows registration uses (5–9 voxels); the cost per voxel grows
@@ -262,8 +262,8 @@ pub(crate) fn spatial_gradient(x: &Tensor) -> Result<Tensor, StageError> {
     Ok(Tensor::f_cat(&parts, 1)?)
 }
 
-/// `∇x · w` for `[1, 1, D, H, W]` tensors: the central-difference spatial gradient of `x` (voxel
-/// units) times `w`, as `[1, 3, D, H, W]` with channels `(∂/∂i, ∂/∂j, ∂/∂k)`.
+/// `∇x · w` for `[B, 1, D, H, W]` tensors: the central-difference spatial gradient of `x` (voxel
+/// units) times `w`, as `[B, 3, D, H, W]` with channels `(∂/∂i, ∂/∂j, ∂/∂k)`.
 ///
 /// Unlike [`spatial_gradient`] the border is the replicated edge, so the outermost voxels get
 /// half the one-sided difference; that saves assembling the result from pieces, and an
@@ -280,7 +280,7 @@ pub(crate) fn gradient_times(x: &Tensor, w: &Tensor) -> Result<Tensor, StageErro
             .f_narrow(3, at(3), h)?
             .f_narrow(4, at(4), wd)?)
     };
-    let out = Tensor::f_empty([1, 3, d, h, wd], (x.kind(), x.device()))?;
+    let out = Tensor::f_empty([size[0], 3, d, h, wd], (x.kind(), x.device()))?;
     for (c, dim) in [4i64, 3, 2].into_iter().enumerate() {
         let mut slot = out.f_narrow(1, c as i64, 1)?;
         let _ = view(dim, 1)?.f_sub_out(&slot, &view(dim, -1)?)?;
@@ -289,7 +289,7 @@ pub(crate) fn gradient_times(x: &Tensor, w: &Tensor) -> Result<Tensor, StageErro
     Ok(out)
 }
 
-/// Mixes the three channels of a `[1, 3, D, H, W]` vector field by the 3×3 matrix `m`
+/// Mixes the three channels of a `[B, 3, D, H, W]` vector field by the 3×3 matrix `m`
 /// (output channel `r` = Σ_c m[r, c] · input channel `c`).
 pub(crate) fn mix_channels(x: &Tensor, m: &Matrix3<f64>) -> Result<Tensor, StageError> {
     let vals: Vec<f32> = (0..3)
@@ -302,7 +302,21 @@ pub(crate) fn mix_channels(x: &Tensor, m: &Matrix3<f64>) -> Result<Tensor, Stage
     Ok(x.f_conv3d::<Tensor>(&w, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], 1)?)
 }
 
-/// A `[1, 3, D, H, W]` field as `[1, D, H, W, 3]` points (a view, no copy).
+/// [`mix_channels`] with one matrix per batch item (`ms[b]` for item `b`); one pass when
+/// they are all the same.
+pub(crate) fn mix_each(x: &Tensor, ms: &[Matrix3<f64>]) -> Result<Tensor, StageError> {
+    if ms.windows(2).all(|w| w[0] == w[1]) {
+        return mix_channels(x, &ms[0]);
+    }
+    let parts = ms
+        .iter()
+        .enumerate()
+        .map(|(b, m)| mix_channels(&x.f_narrow(0, b as i64, 1)?, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
+/// A `[B, 3, D, H, W]` field as `[B, D, H, W, 3]` points (a view, no copy).
 pub(crate) fn channels_last(x: &Tensor) -> Result<Tensor, StageError> {
     Ok(x.f_permute([0, 2, 3, 4, 1])?)
 }

@@ -39,36 +39,110 @@ pub(crate) const MI_MAX_SAMPLES: i64 = 200_000;
 /// Histogram bins of MI.
 const MI_BINS: i64 = 32;
 
-/// A similarity value (lower is better) and its derivative w.r.t. each warped voxel.
+/// Similarity values (lower is better) and the derivative w.r.t. each warped voxel.
 pub(crate) struct Evaluated {
-    /// The loss.
-    pub value: f64,
-    /// `∂loss/∂warped`, same shape as the warped image.
+    /// The loss of each batch item, in batch order (one value for an unbatched call).
+    pub values: Vec<f64>,
+    /// `∂loss/∂warped`, same shape as the warped image; each item's own loss differentiated.
     pub grad: Tensor,
 }
 
-/// Evaluates `loss` between `fixed` and `warped` (`[1, 1, D, H, W]`), weighting voxels by
-/// `weight` (same shape, or `None` for all voxels equally).
-pub(crate) fn evaluate(
+impl Evaluated {
+    /// The loss of an unbatched call (the mean over the items of a batch).
+    pub(crate) fn value(&self) -> f64 {
+        self.values.iter().sum::<f64>() / self.values.len().max(1) as f64
+    }
+}
+
+/// Evaluates `loss` between `fixed` and `warped` (`[B, 1, D, H, W]`), weighting voxels by
+/// `weight` (same shape, or `None` for all voxels equally), without padding.
+#[cfg(test)]
+fn evaluate(
     loss: Loss,
     fixed: &Tensor,
     warped: &Tensor,
     weight: Option<&Tensor>,
     window: i64,
 ) -> Result<Evaluated, StageError> {
+    let items = Items::new(fixed, None)?;
     match loss {
-        Loss::Ncc => local_ncc(fixed, warped, weight, window),
-        Loss::Mse => mse(fixed, warped, weight),
+        Loss::Ncc => FixedNcc::new(fixed, weight, &items, window)?.evaluate(&items, warped),
+        Loss::Mse => mse(fixed, warped, weight, &items),
         Loss::Mi => mutual_information(fixed, warped, weight),
     }
 }
 
-fn total_weight(like: &Tensor, weight: Option<&Tensor>) -> Result<f64, StageError> {
-    let w = match weight {
-        Some(w) => scalar(&w.f_sum(Kind::Double)?)?,
-        None => like.numel() as f64,
-    };
-    Ok(w.max(1e-12))
+/// The items of a batch: each one's own voxels (a batch pads smaller grids with zeros to one
+/// shape) and how many there are. Every sum a measure takes is a per-item sum over those
+/// voxels, so an item's value and derivative are what it would get on its own.
+pub(crate) struct Items {
+    /// `[B, 1, D, H, W]`: 1 on an item's own voxels, 0 on padding; `None` without padding.
+    valid: Option<Tensor>,
+    /// Own voxels per item, `[B]` (f64).
+    counts: Tensor,
+}
+
+impl Items {
+    /// The items of `like` (`[B, 1, D, H, W]`), with `valid` marking own voxels if padded.
+    pub(crate) fn new(like: &Tensor, valid: Option<&Tensor>) -> Result<Items, StageError> {
+        let counts = match valid {
+            Some(v) => per_item_sum(v)?,
+            None => {
+                let size = like.size();
+                let each = size[1..].iter().product::<i64>() as f64;
+                Tensor::f_full([size[0]], each, (Kind::Double, like.device()))?
+            }
+        };
+        Ok(Items {
+            valid: valid.map(Tensor::shallow_clone),
+            counts,
+        })
+    }
+
+    /// `x` with padding zeroed.
+    fn own(&self, x: &Tensor) -> Result<Tensor, StageError> {
+        Ok(match &self.valid {
+            Some(v) => x.f_mul(v)?,
+            None => x.shallow_clone(),
+        })
+    }
+
+    /// The per-item weight totals: the weights' sums, or the own-voxel counts.
+    fn totals(&self, weight: Option<&Tensor>) -> Result<Tensor, StageError> {
+        Ok(match weight {
+            Some(w) => per_item_sum(w)?,
+            None => self.counts.shallow_clone(),
+        }
+        .f_clamp_min(1e-12)?)
+    }
+
+    /// Per-item variance of `x` over own voxels (padding must be zero), floored, as a
+    /// `[B, 1, 1, 1, 1]` float tensor ready to broadcast.
+    fn variance(&self, x: &Tensor) -> Result<Tensor, StageError> {
+        let mean = per_item_sum(x)?.f_div(&self.counts)?;
+        let var = per_item_sum(&x.f_square()?)?
+            .f_div(&self.counts)?
+            .f_sub(&mean.f_square()?)?
+            .f_clamp_min(1e-12)?;
+        broadcastable(&var, x.kind())
+    }
+}
+
+/// Sum over every dimension but the first, `[B]` in f64.
+fn per_item_sum(x: &Tensor) -> Result<Tensor, StageError> {
+    Ok(x.f_sum_dim_intlist(&[1i64, 2, 3, 4][..], false, Kind::Double)?)
+}
+
+/// A `[B]` tensor as `[B, 1, 1, 1, 1]` of `kind`.
+fn broadcastable(x: &Tensor, kind: Kind) -> Result<Tensor, StageError> {
+    Ok(x.f_to_kind(kind)?.f_view([-1, 1, 1, 1, 1])?)
+}
+
+/// A `[B]` tensor's values.
+fn values(x: &Tensor) -> Result<Vec<f64>, StageError> {
+    Ok(Vec::<f64>::try_from(
+        &x.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?,
+    )?)
 }
 
 fn weighted(x: Tensor, weight: Option<&Tensor>) -> Result<Tensor, StageError> {
@@ -78,13 +152,9 @@ fn weighted(x: Tensor, weight: Option<&Tensor>) -> Result<Tensor, StageError> {
     })
 }
 
-fn variance(x: &Tensor) -> Result<f64, StageError> {
-    Ok(scalar(&x.f_var(false)?)?.max(1e-12))
-}
-
 /// The fixed image's side of local NCC, computed once per level: its window sums, window
-/// means and floored variances, and the weight total. Greedy iterations then box-sum only the
-/// three maps that involve the warped image (J, J², IJ) instead of five.
+/// means and floored variances, and the weight totals. Greedy iterations then box-sum only
+/// the three maps that involve the warped image (J, J², IJ) instead of five.
 pub(crate) struct FixedNcc {
     fixed: Tensor,
     weight: Option<Tensor>,
@@ -93,7 +163,9 @@ pub(crate) struct FixedNcc {
     si: Tensor,
     mean_i: Tensor,
     b: Tensor,
-    total: f64,
+    /// `−1 / Σ w` per item, `[B, 1, 1, 1, 1]`.
+    scale: Tensor,
+    totals: Tensor,
 }
 
 impl FixedNcc {
@@ -101,6 +173,7 @@ impl FixedNcc {
     pub(crate) fn new(
         fixed: &Tensor,
         weight: Option<&Tensor>,
+        items: &Items,
         window: i64,
     ) -> Result<FixedNcc, StageError> {
         let r = (window / 2).max(1);
@@ -112,10 +185,14 @@ impl FixedNcc {
         let si = sums.f_narrow(1, 0, 1)?.f_contiguous()?;
         let sii = sums.f_narrow(1, 1, 1)?;
         let mean_i = si.f_div_scalar(n)?;
+        let floor = items
+            .variance(fixed)?
+            .f_mul_scalar(n * NCC_VARIANCE_FLOOR)?;
         let b = sii
             .f_sub(&si.f_mul(&mean_i)?)?
             .f_clamp_min(0.0)?
-            .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(fixed)?)?;
+            .f_add(&floor)?;
+        let totals = items.totals(weight)?;
         Ok(FixedNcc {
             fixed: fixed.shallow_clone(),
             weight: weight.map(Tensor::shallow_clone),
@@ -124,13 +201,15 @@ impl FixedNcc {
             si,
             mean_i,
             b,
-            total: total_weight(fixed, weight)?,
+            scale: broadcastable(&totals.f_reciprocal()?.f_neg()?, fixed.kind())?,
+            totals,
         })
     }
 
     /// Local NCC: `−Σ_c w_c · A_c² / (B_c · C_c) / Σ w`, with `A`, `B`, `C` the windowed
-    /// covariance and variances (plus the floor) at centre `c`, and its exact derivative.
-    pub(crate) fn evaluate(&self, warped: &Tensor) -> Result<Evaluated, StageError> {
+    /// covariance and variances (plus the floor) at centre `c`, and its exact derivative;
+    /// per item of a batch. `warped` must be zero on padding ([`Items::own`]).
+    fn evaluate(&self, items: &Items, warped: &Tensor) -> Result<Evaluated, StageError> {
         let (i, j, n, r) = (&self.fixed, warped, self.n, self.r);
         let weight = self.weight.as_ref();
         let sums = box_sum(
@@ -141,13 +220,16 @@ impl FixedNcc {
         let (sj, sjj, sij) = (part(0)?, part(1)?, part(2)?);
         let mean_j = sj.f_div_scalar(n)?;
         let a = sij.f_sub(&self.si.f_mul(&mean_j)?)?;
+        let floor = items.variance(j)?.f_mul_scalar(n * NCC_VARIANCE_FLOOR)?;
         let c = sjj
             .f_sub(&sj.f_mul(&mean_j)?)?
             .f_clamp_min(0.0)?
-            .f_add_scalar(n * NCC_VARIANCE_FLOOR * variance(j)?)?;
+            .f_add(&floor)?;
         let bc = self.b.f_mul(&c)?;
         let cc = a.f_square()?.f_div(&bc)?;
-        let value = -scalar(&weighted(cc, weight)?.f_sum(Kind::Double)?)? / self.total;
+        let value = per_item_sum(&weighted(cc, weight)?)?
+            .f_div(&self.totals)?
+            .f_neg()?;
 
         // ∂cc_c/∂J(x) = α_c (I(x) − Ī_c) − β_c (J(x) − J̄_c) for every x in window c, with
         // α = 2A/(BC) and β = α·A/C; summing over windows is a box sum of the coefficients.
@@ -159,14 +241,23 @@ impl FixedNcc {
             .f_mul(&back.f_narrow(1, 0, 1)?)?
             .f_sub(&j.f_mul(&back.f_narrow(1, 1, 1)?)?)?
             .f_add(&back.f_narrow(1, 2, 1)?)?
-            .f_mul_scalar(-1.0 / self.total)?;
-        Ok(Evaluated { value, grad })
+            .f_mul(&self.scale)?;
+        Ok(Evaluated {
+            values: values(&value)?,
+            grad: items.own(&grad)?,
+        })
     }
 }
 
-/// A similarity measure bound to one fixed image (and weight map) for many evaluations:
-/// local NCC keeps the fixed image's window statistics, computed once instead of per step.
-pub(crate) enum Measure {
+/// A similarity measure bound to one fixed image (or a batch of them, with weight maps) for
+/// many evaluations: local NCC keeps the fixed images' window statistics, computed once
+/// instead of per step.
+pub(crate) struct Measure {
+    kind: MeasureKind,
+    items: Items,
+}
+
+enum MeasureKind {
     /// Local NCC with its precomputed fixed side.
     Ncc(FixedNcc),
     /// Any other measure, evaluated afresh each time.
@@ -174,61 +265,82 @@ pub(crate) enum Measure {
         loss: Loss,
         fixed: Tensor,
         weight: Option<Tensor>,
-        window: i64,
     },
 }
 
 impl Measure {
-    /// `loss` against `fixed`, weighting voxels by `weight`.
+    /// `loss` against `fixed` (`[B, 1, D, H, W]`), weighting voxels by `weight`; `valid`
+    /// marks each item's own voxels when a batch was padded to one shape.
+    ///
+    /// # Errors
+    /// If a tensor operation fails, or `loss` is MI on a batch (MI is unbatched).
     pub(crate) fn new(
         loss: Loss,
         fixed: &Tensor,
         weight: Option<&Tensor>,
+        valid: Option<&Tensor>,
         window: i64,
     ) -> Result<Measure, StageError> {
-        Ok(match loss {
-            Loss::Ncc => Measure::Ncc(FixedNcc::new(fixed, weight, window)?),
-            loss => Measure::Other {
+        let items = Items::new(fixed, valid)?;
+        if loss == Loss::Mi && fixed.size()[0] > 1 {
+            return Err(StageError::Input("MI cannot evaluate a batch".into()));
+        }
+        let kind = match loss {
+            Loss::Ncc => MeasureKind::Ncc(FixedNcc::new(fixed, weight, &items, window)?),
+            loss => MeasureKind::Other {
                 loss,
                 fixed: fixed.shallow_clone(),
                 weight: weight.map(Tensor::shallow_clone),
-                window,
             },
-        })
+        };
+        Ok(Measure { kind, items })
     }
 
-    /// The value and derivative for `warped`.
+    /// The values and derivative for `warped` (its padding, if any, is ignored).
     pub(crate) fn evaluate(&self, warped: &Tensor) -> Result<Evaluated, StageError> {
-        match self {
-            Measure::Ncc(ncc) => ncc.evaluate(warped),
-            Measure::Other {
-                loss,
+        let own = self.items.own(warped)?;
+        match &self.kind {
+            MeasureKind::Ncc(ncc) => ncc.evaluate(&self.items, &own),
+            MeasureKind::Other {
+                loss: Loss::Mse,
                 fixed,
                 weight,
-                window,
-            } => evaluate(*loss, fixed, warped, weight.as_ref(), *window),
+            } => mse(fixed, &own, weight.as_ref(), &self.items),
+            MeasureKind::Other { fixed, weight, .. } => {
+                mutual_information(fixed, &own, weight.as_ref())
+            }
         }
     }
 }
 
 /// Local NCC of `warped` against `fixed` (see [`FixedNcc::evaluate`]), fixed statistics
 /// included.
-pub(crate) fn local_ncc(
+#[cfg(test)]
+fn local_ncc(
     fixed: &Tensor,
     warped: &Tensor,
     weight: Option<&Tensor>,
     window: i64,
 ) -> Result<Evaluated, StageError> {
-    FixedNcc::new(fixed, weight, window)?.evaluate(warped)
+    evaluate(Loss::Ncc, fixed, warped, weight, window)
 }
 
-/// Mean squared error and its derivative.
-fn mse(fixed: &Tensor, warped: &Tensor, weight: Option<&Tensor>) -> Result<Evaluated, StageError> {
-    let total = total_weight(fixed, weight)?;
-    let diff = weighted(warped.f_sub(fixed)?, weight)?;
-    let value = scalar(&diff.f_mul(&warped.f_sub(fixed)?)?.f_sum(Kind::Double)?)? / total;
-    let grad = diff.f_mul_scalar(2.0 / total)?;
-    Ok(Evaluated { value, grad })
+/// Mean squared error and its derivative, per item.
+fn mse(
+    fixed: &Tensor,
+    warped: &Tensor,
+    weight: Option<&Tensor>,
+    items: &Items,
+) -> Result<Evaluated, StageError> {
+    let totals = items.totals(weight)?;
+    let diff = warped.f_sub(fixed)?;
+    let wdiff = items.own(&weighted(diff.shallow_clone(), weight)?)?;
+    let value = per_item_sum(&wdiff.f_mul(&diff)?)?.f_div(&totals)?;
+    let scale = broadcastable(&totals.f_reciprocal()?.f_mul_scalar(2.0)?, warped.kind())?;
+    Ok(Evaluated {
+        values: values(&value)?,
+        grad: wdiff.f_mul(&scale)?,
+    })
 }
 
 /// Parzen-window weights of `x` (values in about [0, 1]) over the histogram bins, `[N, B]`.
@@ -286,7 +398,10 @@ fn mutual_information(
     let grad = fixed.f_zeros_like()?;
     let mut flat = grad.f_view([-1])?.f_slice(0, 0, count, stride)?;
     flat.f_copy_(&g)?;
-    Ok(Evaluated { value, grad })
+    Ok(Evaluated {
+        values: vec![value],
+        grad,
+    })
 }
 
 #[cfg(test)]
@@ -305,7 +420,7 @@ mod tests {
             let (si, sj) = (bx(i), bx(&j));
             let a = bx(&(i * &j)) - &si * &sj / n;
             let b = (bx(&i.square()) - si.square() / n).clamp_min(0.0)
-                + n * NCC_VARIANCE_FLOOR * variance(i).unwrap();
+                + n * NCC_VARIANCE_FLOOR * i.var(false).double_value(&[]);
             let vj = j.detach().var(false).double_value(&[]);
             let c =
                 (bx(&j.square()) - sj.square() / n).clamp_min(0.0) + n * NCC_VARIANCE_FLOOR * vj;
@@ -324,19 +439,23 @@ mod tests {
         let w = Tensor::rand([1, 1, 6, 7, 8], opts);
         let got = tch::no_grad(|| local_ncc(&i, &j, Some(&w), 3).unwrap());
         let (value, grad) = reference_ncc_grad(&i, &j, &w, 3);
-        assert!((got.value - value).abs() < 1e-9, "{} vs {value}", got.value);
+        assert!(
+            (got.value() - value).abs() < 1e-9,
+            "{} vs {value}",
+            got.value()
+        );
         assert!(got.grad.allclose(&grad, 1e-6, 1e-9, false));
     }
 
     #[test]
     fn ncc_is_scale_invariant_and_best_for_identical_images() {
         let i = Tensor::rand([1, 1, 8, 8, 8], (Kind::Float, Device::Cpu));
-        let same = local_ncc(&i, &i, None, 5).unwrap().value;
+        let same = local_ncc(&i, &i, None, 5).unwrap().value();
         let scaled = local_ncc(&(&i * 250.0), &(&i * 3.0), None, 5)
             .unwrap()
-            .value;
+            .value();
         let other = Tensor::rand([1, 1, 8, 8, 8], (Kind::Float, Device::Cpu));
-        let worse = local_ncc(&i, &other, None, 5).unwrap().value;
+        let worse = local_ncc(&i, &other, None, 5).unwrap().value();
         assert!(same < -0.99 && (same - scaled).abs() < 1e-4 && worse > -0.5);
     }
 
@@ -346,7 +465,7 @@ mod tests {
         let aligned = mutual_information(&i, &(1.0 - &i), None).unwrap();
         let other = Tensor::rand([1, 1, 10, 10, 10], (Kind::Float, Device::Cpu));
         let random = mutual_information(&i, &other, None).unwrap();
-        assert!(aligned.value < random.value - 0.5);
+        assert!(aligned.value() < random.value() - 0.5);
         assert!(random.grad.abs().sum(Kind::Double).double_value(&[]) > 0.0);
     }
 }

@@ -298,6 +298,22 @@ pub trait Stage: Send + Sync {
     /// Any failure for this subject; the engine records it and the run goes on.
     fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError>;
 
+    /// Whether [`Stage::process_batch`] does better than one [`Stage::process`] per subject,
+    /// so a node of this type may set `batch`.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Processes several subjects' inputs in one call, one result per item in the same
+    /// order. The engine calls it (with two or more items) only on nodes with `batch` > 1.
+    /// The default processes them one by one.
+    fn process_batch(&self, items: &[(Context<'_>, Inputs<'_>)]) -> Vec<Result<Value, StageError>> {
+        items
+            .iter()
+            .map(|(ctx, inputs)| self.process(ctx, inputs))
+            .collect()
+    }
+
     /// Called once after every subject went through, with the whole run's outcomes. Sinks
     /// (the report) write their files here.
     ///
