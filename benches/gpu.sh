@@ -20,4 +20,6 @@ python="${PYTHON:-python3}"
 torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-exec "$bin" ${2:+"$2"}
+"$bin" ${2:+"$2"}
+# Several subjects per device call (the register node's `batch`): seconds per pair.
+VOXFLOW_BENCH_BATCH="${VOXFLOW_BENCH_BATCH:-4}" "$bin" "fs->oasis 1mm"

@@ -10,13 +10,14 @@
 //! `pipelines/oneshot-aseg-1mm.toml` at 1 mm).
 //!
 //! Usage: `cargo bench --bench register [-- FILTER]`, where FILTER keeps the cases whose
-//! name contains it (e.g. `2mm`, `fs->oasis`).
+//! name contains it (e.g. `2mm`, `fs->oasis`). `VOXFLOW_BENCH_BATCH=N` registers the pair N
+//! times in one batch and prints seconds per pair (the whole-process time is for all N).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use voxflow_stages::register::{RegisterConfig, register};
+use voxflow_stages::register::{RegisterConfig, register, register_batch};
 use voxflow_stages::resample::{Interp, warp};
 use voxflow_stages::stage::Scan;
 use voxflow_stages::volume::{Volume, affine_from_orientation};
@@ -150,16 +151,30 @@ fn run_case(moving: &str, fixed: &str, res: f64) {
     let load_s = t0.elapsed().as_secs_f64();
     let config = settings(res);
     let device = config.device.resolve().unwrap();
+    // `VOXFLOW_BENCH_BATCH=N`: the fixed scan N times in one batch (the `batch` node
+    // setting); the seconds printed are per pair.
+    let batch = std::env::var("VOXFLOW_BENCH_BATCH")
+        .ok()
+        .and_then(|b| b.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let (moving_scan, fixed_scan) = (Scan::from_image(m_img), Scan::from_image(f_img));
     let t1 = Instant::now();
-    let transform = register(&Scan::from_image(m_img), &Scan::from_image(f_img), &config).unwrap();
-    let reg_s = t1.elapsed().as_secs_f64();
+    let transform = if batch == 1 {
+        register(&moving_scan, &fixed_scan, &config).unwrap()
+    } else {
+        let fixed = vec![&fixed_scan; batch];
+        let mut all = register_batch(&moving_scan, &fixed, &config);
+        all.swap_remove(0).unwrap()
+    };
+    let reg_s = t1.elapsed().as_secs_f64() / batch as f64;
     let t2 = Instant::now();
     let warped = warp(&m_lab, &transform, &f_lab.grid(), Interp::Nearest);
     let d = dice(&f_lab, &warped);
     let score_s = t2.elapsed().as_secs_f64();
     let q = transform.quality;
     println!(
-        "RESULT {moving}->{fixed} {res:.0}mm {device:?} load {load_s:.2} s | register {reg_s:.2} s | labels+Dice {score_s:.2} s | \
+        "RESULT {moving}->{fixed} {res:.0}mm {device:?} batch {batch} load {load_s:.2} s | register {reg_s:.2} s/pair | labels+Dice {score_s:.2} s | \
          peak {:.0} MiB | Dice {d:.4} | nonpos J {:.4} % | SDlogJ {:.4} | loss {:.4}",
         peak_mib(),
         q.nonpositive_jacobian_pct,
