@@ -235,6 +235,7 @@ async fn stream_subjects(
     }
 
     let n_nodes = nodes.len();
+    let listed = entries.len();
     let feeder = tokio::spawn(async move {
         for entry in entries {
             let mut values = vec![None; n_nodes];
@@ -257,6 +258,14 @@ async fn stream_subjects(
         outcomes.push(outcome(record));
     }
     feeder.await.context("the dataset feeder panicked")?;
+    if outcomes.len() < listed {
+        // Every worker of some node stopped early: the subjects behind it have no outcome,
+        // which must not pass for a clean run.
+        anyhow::bail!(
+            "{} of {listed} subjects never finished: a node's workers stopped",
+            listed - outcomes.len()
+        );
+    }
     for handle in handles {
         match handle {
             Worker::Task(h) => h.await.context("a node task panicked")?,
@@ -315,20 +324,22 @@ fn spawn_node(
             StageKind::Compute => {
                 let name = format!("{}-{worker}", spec.name);
                 let batch = spec.batch;
-                let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                    while let Some(records) = next_batch(&rx, batch) {
-                        for record in step_batch(&shared, node, records) {
-                            if tx.send_blocking(record).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
+                let (s2, rx2, tx2) = (shared.clone(), rx.clone(), tx.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || compute_loop(&shared, node, &rx, &tx, batch));
                 match spawned {
                     Ok(h) => handles.push(Worker::Thread(h)),
-                    // Limitation: without a thread the node runs with fewer workers; the
-                    // other workers (or the pool below) still drain the channel.
-                    Err(e) => warn!(node = %spec.name, error = %e, "Cannot start a compute thread"),
+                    // Without a thread of its own (thread or memory limits), the worker runs
+                    // on the runtime's blocking pool: slower to start, but every subject
+                    // still goes through.
+                    Err(e) => {
+                        warn!(node = %spec.name, error = %e,
+                            "Cannot start a compute thread; using the blocking pool");
+                        handles.push(Worker::Task(tokio::task::spawn_blocking(move || {
+                            compute_loop(&s2, node, &rx2, &tx2, batch)
+                        })));
+                    }
                 }
             }
             StageKind::Io => handles.push(Worker::Task(tokio::spawn(async move {
@@ -346,6 +357,23 @@ fn spawn_node(
                     }
                 }
             }))),
+        }
+    }
+}
+
+/// A compute worker: takes batches from `rx` until it closes, sends each record on.
+fn compute_loop(
+    shared: &Shared,
+    node: usize,
+    rx: &Receiver<Record>,
+    tx: &Sender<Record>,
+    batch: usize,
+) {
+    while let Some(records) = next_batch(rx, batch) {
+        for record in step_batch(shared, node, records) {
+            if tx.send_blocking(record).is_err() {
+                return;
+            }
         }
     }
 }
