@@ -85,9 +85,15 @@ impl Pipeline {
             .collect();
         let mut edges = vec![Vec::new(); file.nodes.len()];
         for (i, node) in file.nodes.iter().enumerate() {
-            for input in &node.inputs {
+            for (position, input) in node.inputs.iter().enumerate() {
                 match index.get(input.as_str()) {
-                    Some(&j) => edges[i].push(j),
+                    Some(&j) => {
+                        edges[i].push(j);
+                        let wrong = input_kind_problem(&stages[i], &stages[j], position, input);
+                        if let Some(message) = wrong {
+                            errors.push(file.error_at(node, Some("inputs"), message));
+                        }
+                    }
                     None => errors.push(file.error_at(
                         node,
                         Some("inputs"),
@@ -251,6 +257,27 @@ fn build_stage(
             None
         }
     }
+}
+
+/// Why input `position` (node `input`, running `upstream`) is of a kind `stage` cannot take,
+/// if it is; `None` when it fits or either side does not say.
+fn input_kind_problem(
+    stage: &Option<Arc<dyn Stage>>,
+    upstream: &Option<Arc<dyn Stage>>,
+    position: usize,
+    input: &str,
+) -> Option<String> {
+    let spec = stage.as_ref()?.inputs()?;
+    let want = spec.kind_at(position)?;
+    let got = upstream.as_ref()?.output()?;
+    (want != got).then(|| {
+        format!(
+            "input {position} ({input:?}) gives {}, but this input takes {} (inputs: {})",
+            got.described(),
+            want.described(),
+            spec.what
+        )
+    })
 }
 
 /// Reports a node whose number of `inputs` its type does not take.

@@ -398,6 +398,42 @@ fn a_wrong_number_of_inputs_is_named_with_its_line() {
 }
 
 #[test]
+fn an_input_of_the_wrong_kind_is_named_with_its_line() {
+    // The report fed segmentations instead of Dice scores.
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "type = \"report\"\ninputs = [\"dice\"]",
+            "type = \"report\"\ninputs = [\"segment\"]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `report`")
+            && msg.contains("input 0 (\"segment\") gives a segmentation")
+            && msg.contains("this input takes Dice scores"),
+        "{msg}"
+    );
+    // Segment's inputs in the wrong order: a scan where the registration goes.
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "inputs = [\"register\", \"atlas\", \"oriented\"]",
+            "inputs = [\"oriented\", \"atlas\", \"register\"]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("input 0 (\"oriented\") gives a scan, but this input takes a transform")
+            && msg.contains("input 2 (\"register\") gives a transform"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "inputs = [\"register\", \"atlas\", \"oriented\"]"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn batch_on_a_node_that_cannot_batch_is_named_with_its_line() {
     let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segment\"\nbatch = 4"));
     assert_eq!(code, Some(2), "{msg}");

@@ -351,9 +351,14 @@ impl RegisterStage {
 }
 
 impl Stage for RegisterStage {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Transform)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec::exactly(
-            2,
+        use crate::stage::ValueKind::Scan;
+        Some(crate::stage::InputSpec::of(
+            &[Scan, Scan],
             "[atlas (moving) scan, subject (fixed) scan]",
         ))
     }

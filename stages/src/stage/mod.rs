@@ -133,20 +133,69 @@ pub enum Value {
 }
 
 impl Value {
+    /// Which kind of value this is.
+    pub fn value_kind(&self) -> ValueKind {
+        match self {
+            Value::Entry(_) => ValueKind::Entry,
+            Value::Scan(_) => ValueKind::Scan,
+            Value::Transform(_) => ValueKind::Transform,
+            Value::Segmentation(_) => ValueKind::Segmentation,
+            Value::Scores(_) => ValueKind::Scores,
+            Value::Written(_) => ValueKind::Written,
+        }
+    }
+
     /// A short name of the variant, for error messages.
     pub fn kind(&self) -> &'static str {
+        self.value_kind().name()
+    }
+}
+
+/// The kinds of [`Value`], so `validate` can check a node's inputs before anything runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueKind {
+    /// [`Value::Entry`].
+    Entry,
+    /// [`Value::Scan`].
+    Scan,
+    /// [`Value::Transform`].
+    Transform,
+    /// [`Value::Segmentation`].
+    Segmentation,
+    /// [`Value::Scores`].
+    Scores,
+    /// [`Value::Written`].
+    Written,
+}
+
+impl ValueKind {
+    /// The name used in messages.
+    pub fn name(self) -> &'static str {
         match self {
-            Value::Entry(_) => "dataset entry",
-            Value::Scan(_) => "scan",
-            Value::Transform(_) => "transform",
-            Value::Segmentation(_) => "segmentation",
-            Value::Scores(_) => "scores",
-            Value::Written(_) => "written files",
+            ValueKind::Entry => "dataset entry",
+            ValueKind::Scan => "scan",
+            ValueKind::Transform => "transform",
+            ValueKind::Segmentation => "segmentation",
+            ValueKind::Scores => "scores",
+            ValueKind::Written => "written files",
+        }
+    }
+
+    /// The name with its article, as a sentence says it ("a scan", "Dice scores").
+    pub fn described(self) -> &'static str {
+        match self {
+            ValueKind::Entry => "a dataset entry",
+            ValueKind::Scan => "a scan",
+            ValueKind::Transform => "a transform",
+            ValueKind::Segmentation => "a segmentation",
+            ValueKind::Scores => "Dice scores",
+            ValueKind::Written => "written files",
         }
     }
 }
 
-/// The inputs a stage takes: between `min` and `max` upstream nodes, described by `what`.
+/// The inputs a stage takes: between `min` and `max` upstream nodes, described by `what`,
+/// each of a kind `kinds` allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputSpec {
     /// Fewest inputs.
@@ -155,16 +204,38 @@ pub struct InputSpec {
     pub max: usize,
     /// What they are, in order, as the docs write it (e.g. `[atlas scan, subject scan]`).
     pub what: &'static str,
+    /// The kind each input must be, by position; positions past the end take `rest`'s.
+    pub kinds: &'static [ValueKind],
+    /// The kind of every input past `kinds`; `None` for any kind.
+    pub rest: Option<ValueKind>,
 }
 
 impl InputSpec {
-    /// Exactly the `n` inputs `what` lists.
+    /// Exactly the `n` inputs `what` lists, of any kind.
     pub const fn exactly(n: usize, what: &'static str) -> InputSpec {
         InputSpec {
             min: n,
             max: n,
             what,
+            kinds: &[],
+            rest: None,
         }
+    }
+
+    /// Exactly the inputs `kinds` lists, in that order; `what` describes them.
+    pub const fn of(kinds: &'static [ValueKind], what: &'static str) -> InputSpec {
+        InputSpec {
+            min: kinds.len(),
+            max: kinds.len(),
+            what,
+            kinds,
+            rest: None,
+        }
+    }
+
+    /// The kind input `n` must be, if the stage needs one.
+    pub fn kind_at(&self, n: usize) -> Option<ValueKind> {
+        self.kinds.get(n).copied().or(self.rest)
     }
 }
 
@@ -284,6 +355,12 @@ pub trait Stage: Send + Sync {
     /// How many inputs the stage takes and what they are, so `validate` can reject a wrong
     /// count with the node's line; `None` when it accepts any number.
     fn inputs(&self) -> Option<InputSpec> {
+        None
+    }
+
+    /// The kind of value [`Stage::process`] returns, so `validate` can check what consumes
+    /// it; `None` when it depends on the inputs.
+    fn output(&self) -> Option<ValueKind> {
         None
     }
 

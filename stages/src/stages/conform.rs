@@ -115,8 +115,15 @@ pub struct Conform {
 }
 
 impl Stage for Conform {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Scan)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec::exactly(1, "[scan]"))
+        Some(crate::stage::InputSpec::of(
+            &[crate::stage::ValueKind::Scan],
+            "[scan]",
+        ))
     }
 
     fn kind(&self) -> crate::stage::StageKind {

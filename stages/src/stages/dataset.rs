@@ -244,6 +244,10 @@ impl Dataset {
 }
 
 impl Stage for Dataset {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Entry)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         Some(crate::stage::InputSpec::exactly(
             0,

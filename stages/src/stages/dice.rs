@@ -70,9 +70,14 @@ pub struct Dice {
 }
 
 impl Stage for Dice {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Scores)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec::exactly(
-            2,
+        use crate::stage::ValueKind::{Scan, Segmentation};
+        Some(crate::stage::InputSpec::of(
+            &[Segmentation, Scan],
             "[segmentation, subject scan]",
         ))
     }

@@ -84,11 +84,18 @@ pub struct Load {
 }
 
 impl Stage for Load {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Scan)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         Some(if self.config.image.is_some() {
             crate::stage::InputSpec::exactly(0, "none: `image` names the file")
         } else {
-            crate::stage::InputSpec::exactly(1, "[dataset], or none with `image` set")
+            crate::stage::InputSpec::of(
+                &[crate::stage::ValueKind::Entry],
+                "[dataset], or none with `image` set",
+            )
         })
     }
 

@@ -79,8 +79,15 @@ pub struct Normalize {
 }
 
 impl Stage for Normalize {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Scan)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec::exactly(1, "[scan]"))
+        Some(crate::stage::InputSpec::of(
+            &[crate::stage::ValueKind::Scan],
+            "[scan]",
+        ))
     }
 
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {

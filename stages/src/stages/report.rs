@@ -73,6 +73,8 @@ impl Stage for Report {
             min: 1,
             max: usize::MAX,
             what: "[dice scores, ...]",
+            kinds: &[],
+            rest: Some(crate::stage::ValueKind::Scores),
         })
     }
 

@@ -67,9 +67,14 @@ pub struct Segment {
 }
 
 impl Stage for Segment {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Segmentation)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec::exactly(
-            3,
+        use crate::stage::ValueKind::{Scan, Transform};
+        Some(crate::stage::InputSpec::of(
+            &[Transform, Scan, Scan],
             "[registration, atlas scan, subject scan]",
         ))
     }

@@ -200,15 +200,23 @@ pub struct SkullStrip {
 }
 
 impl Stage for SkullStrip {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Scan)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         Some(
             if self.config.method == StripMethod::Atlas && self.config.atlases.is_empty() {
-                crate::stage::InputSpec::exactly(
-                    3,
+                crate::stage::InputSpec::of(
+                    &[
+                        crate::stage::ValueKind::Scan,
+                        crate::stage::ValueKind::Transform,
+                        crate::stage::ValueKind::Scan,
+                    ],
                     "[scan, registration, atlas scan] when no `atlases` are listed",
                 )
             } else {
-                crate::stage::InputSpec::exactly(1, "[scan]")
+                crate::stage::InputSpec::of(&[crate::stage::ValueKind::Scan], "[scan]")
             },
         )
     }

@@ -53,11 +53,17 @@ pub struct Write {
 }
 
 impl Stage for Write {
+    fn output(&self) -> Option<crate::stage::ValueKind> {
+        Some(crate::stage::ValueKind::Written)
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         Some(crate::stage::InputSpec {
             min: 1,
             max: usize::MAX,
             what: "[segmentation or scan, any others to wait for]",
+            kinds: &[],
+            rest: None,
         })
     }
 
