@@ -22,6 +22,10 @@
 //! stages run as async tasks that hand each call to the runtime's blocking pool. A stage that
 //! fails or panics marks the record failed; later nodes pass it through untouched and the
 //! run goes on with the next subject.
+//!
+//! Nodes whose value is cacheable go through [`crate::cache`]: each record carries the key
+//! of every value it produced, and a node whose key is in the cache reads its value back
+//! instead of running its stage (the time it took is still recorded as the node's).
 
 mod progress;
 
@@ -39,6 +43,7 @@ use voxflow_stages::stage::{
 
 pub use progress::{Progress, ProgressWriter};
 
+use crate::cache::{Cache, Key};
 use crate::graph::Pipeline;
 
 /// How to run, beyond what the pipeline file says.
@@ -48,6 +53,8 @@ pub struct RunOptions {
     pub output: Option<PathBuf>,
     /// Where to draw progress bars; `None` for none.
     pub bars: Option<indicatif::MultiProgress>,
+    /// Neither read nor write the volume cache, whatever the pipeline file says.
+    pub no_cache: bool,
 }
 
 /// What a finished run produced.
@@ -77,6 +84,8 @@ struct Record {
     id: String,
     /// Values by node index; constant nodes' values live in [`Shared::constants`].
     values: Vec<Option<Value>>,
+    /// Cache keys by node index, for the values this record holds or held.
+    keys: Vec<Option<Key>>,
     failure: Option<(String, String)>,
     timings: Vec<(String, f64)>,
 }
@@ -85,6 +94,8 @@ struct Record {
 struct Shared {
     pipeline: Pipeline,
     constants: Vec<Option<Value>>,
+    constant_keys: Vec<Option<Key>>,
+    cache: Arc<Cache>,
     output: PathBuf,
     /// For each node, the index of the last per-subject node that reads it.
     last_use: Vec<usize>,
@@ -105,7 +116,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         .unwrap_or_else(|| pipeline.settings.output.clone());
     fs_err::create_dir_all(&output).context("cannot create the output directory")?;
 
-    let constants = run_constants(&pipeline, &output).await?;
+    let cache = Arc::new(Cache::new(&pipeline, options.no_cache));
+    let (constants, constant_keys) = run_constants(&pipeline, &cache, &output).await?;
     let entries = list_subjects(&pipeline)?;
     info!(pipeline = %pipeline.settings.name, subjects = entries.len(), output = %output.display(),
         "Starting run");
@@ -123,6 +135,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
     let shared = Arc::new(Shared {
         pipeline,
         constants,
+        constant_keys,
+        cache,
         output: output.clone(),
         last_use,
         progress,
@@ -130,6 +144,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
 
     let collected = stream_subjects(shared.clone(), &stream, entries).await?;
     shared.progress.finish();
+    shared.cache.log_summary();
 
     let summary = RunSummary {
         pipeline: shared.pipeline.settings.name.clone(),
@@ -144,11 +159,15 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
     })
 }
 
+type Constants = (Vec<Option<Value>>, Vec<Option<Key>>);
+
 async fn run_constants(
     pipeline: &Pipeline,
+    cache: &Arc<Cache>,
     output: &std::path::Path,
-) -> anyhow::Result<Vec<Option<Value>>> {
+) -> anyhow::Result<Constants> {
     let mut values: Vec<Option<Value>> = vec![None; pipeline.nodes.len()];
+    let mut keys: Vec<Option<Key>> = vec![None; pipeline.nodes.len()];
     for (i, node) in pipeline.nodes.iter().enumerate() {
         if node.per_subject {
             continue;
@@ -163,7 +182,9 @@ async fn run_constants(
                     .map(|v| (pipeline.nodes[j].spec.name.clone(), v))
             })
             .collect();
-        let stage = node.stage.clone();
+        let input_keys: Vec<Option<Key>> = node.inputs.iter().map(|&j| keys[j]).collect();
+        let key = cache.key(i, "<constant>", &input_keys);
+        let (stage, cache) = (node.stage.clone(), cache.clone());
         let (name, out) = (node.spec.name.clone(), output.to_path_buf());
         let result = tokio::task::spawn_blocking(move || {
             let ctx = Context {
@@ -174,7 +195,7 @@ async fn run_constants(
             let inputs = Inputs {
                 values: inputs.iter().map(|(n, v)| (n.as_str(), v)).collect(),
             };
-            stage.process(&ctx, &inputs)
+            cache.get_or_compute(i, key, || stage.process(&ctx, &inputs))
         })
         .instrument(info_span!("constant", stage = %node.spec.name))
         .await
@@ -187,8 +208,9 @@ async fn run_constants(
         })?;
         info!(node = %node.spec.name, seconds = started.elapsed().as_secs_f64(), "Constant ready");
         values[i] = Some(value);
+        keys[i] = key;
     }
-    Ok(values)
+    Ok((values, keys))
 }
 
 fn list_subjects(pipeline: &Pipeline) -> anyhow::Result<Vec<SubjectEntry>> {
@@ -243,6 +265,7 @@ async fn stream_subjects(
             let record = Record {
                 id,
                 values,
+                keys: vec![None; n_nodes],
                 failure: None,
                 timings: Vec::new(),
             };
@@ -360,7 +383,10 @@ fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
         let seconds = started.elapsed().as_secs_f64();
         record.timings.push((spec.name.clone(), seconds));
         match result {
-            Ok(Ok(value)) => record.values[node] = Some(value),
+            Ok(Ok((value, key))) => {
+                record.values[node] = Some(value);
+                record.keys[node] = key;
+            }
             Ok(Err(reason)) => {
                 warn!(subject = %record.id, node = %spec.name, reason = %reason, "Subject failed");
                 record.failure = Some((spec.name.clone(), reason));
@@ -389,15 +415,19 @@ fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
     record
 }
 
-fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, String> {
+/// Runs node `node`'s stage on `record` (or reads its value from the cache); returns the
+/// value and its cache key.
+fn process(shared: &Shared, node: usize, record: &Record) -> Result<(Value, Option<Key>), String> {
     let n = &shared.pipeline.nodes[node];
     let mut values = Vec::with_capacity(n.inputs.len());
+    let mut keys = Vec::with_capacity(n.inputs.len());
     for &j in &n.inputs {
-        let source = if shared.pipeline.nodes[j].per_subject {
-            &record.values
+        let (source, source_keys) = if shared.pipeline.nodes[j].per_subject {
+            (&record.values, &record.keys)
         } else {
-            &shared.constants
+            (&shared.constants, &shared.constant_keys)
         };
+        keys.push(shared.cache.input_key(source_keys[j], source[j].as_ref()));
         let name = shared.pipeline.nodes[j].spec.name.as_str();
         match &source[j] {
             Some(v) => values.push((name, v)),
@@ -409,8 +439,12 @@ fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, Strin
         output_dir: &shared.output,
         node: &n.spec.name,
     };
-    n.stage
-        .process(&ctx, &Inputs { values })
+    let key = shared.cache.key(node, &record.id, &keys);
+    let inputs = Inputs { values };
+    shared
+        .cache
+        .get_or_compute(node, key, || n.stage.process(&ctx, &inputs))
+        .map(|value| (value, key))
         .map_err(|e| e.to_string())
 }
 
@@ -508,6 +542,7 @@ mod tests {
             inputs: Vec::new(),
             concurrency: 1,
             channel_capacity: capacity,
+            cache: true,
             params: toml::Table::new(),
             line: 1,
             key_lines: Default::default(),
@@ -527,6 +562,7 @@ mod tests {
             output: std::env::temp_dir().join("voxflow-run-test"),
             channel_capacity: 8,
             description: None,
+            cache: crate::cache::CacheSetting::Off,
         };
         let nodes = vec![
             node("source", Arc::new(Source(subjects)), vec![], None),
@@ -551,6 +587,7 @@ mod tests {
         let options = RunOptions {
             output: Some(tmp),
             bars: None,
+            no_cache: true,
         };
         let outcome = run(pipeline(subjects, capacity, &counter), options)
             .await
