@@ -229,9 +229,8 @@ impl Cache {
             if hits + misses == 0 {
                 continue;
             }
-            let stored_mb = stats.stored_bytes.load(Ordering::Relaxed) as f64 / 1e6;
-            info!(node = %plan.name, hits, misses, stored_mb = format!("{stored_mb:.0}"),
-                "Volume cache");
+            let stored_mb = stats.stored_bytes.load(Ordering::Relaxed) / 1_000_000;
+            info!(node = %plan.name, hits, misses, stored_mb, "Volume cache");
         }
         debug!(dir = %dir.display(), "Volume cache folder (`voxflow cache clear` empties it)");
     }
