@@ -218,8 +218,7 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             };
             set_threads(threads);
             let runtime = tokio::runtime::Runtime::new()?;
-            let outcome =
-                runtime.block_on(voxflow::run::run(
+            let outcome = runtime.block_on(voxflow::run::run(
                 pipeline,
                 RunOptions {
                     output,

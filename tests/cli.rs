@@ -624,7 +624,10 @@ fn cache_counts(log: &str, node: &str) -> (u64, u64) {
         .unwrap_or_else(|| panic!("no cache summary for {node}:\n{log}"));
     let count = |name: &str| -> u64 {
         let at = line.find(&format!("{name}=")).expect(name) + name.len() + 1;
-        let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         digits.parse().unwrap()
     };
     (count("hits"), count("misses"))
@@ -637,7 +640,11 @@ fn cached_oneshot(tmp: &Path, cache: &Path) -> PathBuf {
     let subject = root.join("subj");
     std::fs::create_dir_all(&subject).unwrap();
     for name in ["norm.nii.gz", "seg.nii.gz"] {
-        std::fs::copy(data().join("oasis_like_subject").join(name), subject.join(name)).unwrap();
+        std::fs::copy(
+            data().join("oasis_like_subject").join(name),
+            subject.join(name),
+        )
+        .unwrap();
     }
     let text = oneshot(&root, "subj", 4.0, Path::new("out")).replacen(
         "[pipeline]\n",
@@ -679,7 +686,10 @@ fn a_rerun_reads_preprocessed_scans_from_the_cache_until_something_changes() {
     }
     for name in ["seg.nii.gz", "warped_atlas.nii.gz", "field.nii.gz"] {
         let read = |out: &str| std::fs::read(tmp.path().join(out).join("subj").join(name)).unwrap();
-        assert!(read("out1") == read("out2"), "{name} differs after a cached run");
+        assert!(
+            read("out1") == read("out2"),
+            "{name} differs after a cached run"
+        );
     }
     let dice = |out: &str| report(&tmp.path().join(out))["per_subject"][0]["dice_after"].clone();
     assert_eq!(dice("out1"), dice("out2"));
@@ -692,8 +702,16 @@ fn a_rerun_reads_preprocessed_scans_from_the_cache_until_something_changes() {
     );
     std::fs::write(&pipeline, text).unwrap();
     let changed = run_into(&pipeline, "out3", &[], tmp.path());
-    for (node, counts) in [("atlas_norm", (1, 0)), ("oriented", (1, 0)), ("norm", (0, 1))] {
-        assert_eq!(cache_counts(&changed, node), counts, "{node} after a parameter change");
+    for (node, counts) in [
+        ("atlas_norm", (1, 0)),
+        ("oriented", (1, 0)),
+        ("norm", (0, 1)),
+    ] {
+        assert_eq!(
+            cache_counts(&changed, node),
+            counts,
+            "{node} after a parameter change"
+        );
     }
 
     // A touched label file: the subject's nodes miss, the atlas still hits.
@@ -705,7 +723,11 @@ fn a_rerun_reads_preprocessed_scans_from_the_cache_until_something_changes() {
         .unwrap();
     let touched = run_into(&pipeline, "out4", &[], tmp.path());
     for (node, counts) in [("atlas", (1, 0)), ("scan", (0, 1)), ("oriented", (0, 1))] {
-        assert_eq!(cache_counts(&touched, node), counts, "{node} after touching seg");
+        assert_eq!(
+            cache_counts(&touched, node),
+            counts,
+            "{node} after touching seg"
+        );
     }
 }
 
@@ -724,7 +746,11 @@ fn a_damaged_cache_entry_is_recomputed_and_no_cache_writes_nothing() {
     run_into(&pipeline, "out1", &[], tmp.path());
     let mut files: Vec<PathBuf> = Vec::new();
     for shard in std::fs::read_dir(&cache).unwrap().flatten() {
-        for entry in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             files.push(entry.path().join("0.f32"));
         }
     }
@@ -755,7 +781,11 @@ fn a_damaged_cache_entry_is_recomputed_and_no_cache_writes_nothing() {
         tmp.path(),
     );
     assert!(clear.status.success(), "{}", text(&clear));
-    assert!(text(&clear).contains("removed 5 entries"), "{}", text(&clear));
+    assert!(
+        text(&clear).contains("removed 5 entries"),
+        "{}",
+        text(&clear)
+    );
     let left: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
     assert_eq!(left.len(), 1, "only CACHEDIR.TAG stays: {left:?}");
 }

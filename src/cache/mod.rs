@@ -145,7 +145,11 @@ impl Cache {
                 enabled: n.spec.cache,
             })
             .collect();
-        let stats = pipeline.nodes.iter().map(|_| NodeStats::default()).collect();
+        let stats = pipeline
+            .nodes
+            .iter()
+            .map(|_| NodeStats::default())
+            .collect();
         if let Some(dir) = &dir {
             debug!(dir = %dir.display(), "Volume cache");
         }
@@ -366,7 +370,10 @@ mod tests {
             stats: vec![NodeStats::default()],
         };
         assert!(cache.key(0, "s1", &[Some(k)]).is_some());
-        assert_ne!(cache.key(0, "s1", &[Some(k)]), cache.key(0, "s2", &[Some(k)]));
+        assert_ne!(
+            cache.key(0, "s1", &[Some(k)]),
+            cache.key(0, "s2", &[Some(k)])
+        );
         assert_eq!(cache.key(0, "s1", &[Some(k), None]), None);
         assert_eq!(k.hex().len(), 64);
     }

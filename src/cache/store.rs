@@ -452,16 +452,29 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let original = scan();
         let bytes = write(tmp.path(), &key(1), &original).unwrap();
-        assert!(bytes >= 3 * 24, "three distinct volumes of 24 bytes: {bytes}");
-        assert_eq!(write(tmp.path(), &key(1), &original).unwrap(), 0, "stored once");
+        assert!(
+            bytes >= 3 * 24,
+            "three distinct volumes of 24 bytes: {bytes}"
+        );
+        assert_eq!(
+            write(tmp.path(), &key(1), &original).unwrap(),
+            0,
+            "stored once"
+        );
 
         let back = read(tmp.path(), &key(1)).unwrap().expect("a hit");
         let native = back.native.as_ref().expect("native kept");
         assert_eq!(back.image.data, original.image.data);
-        assert_eq!(native.image.data, original.native.as_ref().unwrap().image.data);
+        assert_eq!(
+            native.image.data,
+            original.native.as_ref().unwrap().image.data
+        );
         assert_eq!(native.image.affine, original.image.affine);
         assert_eq!(native.image.header.affine, original.image.header.affine);
-        assert!(Arc::ptr_eq(back.labels.as_ref().unwrap(), native.labels.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            back.labels.as_ref().unwrap(),
+            native.labels.as_ref().unwrap()
+        ));
         assert!(back.mask.is_none());
         assert!(read(tmp.path(), &key(2)).unwrap().is_none(), "a miss");
         let left: Vec<_> = std::fs::read_dir(entry_dir(tmp.path(), &key(1)).parent().unwrap())

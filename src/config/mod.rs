@@ -589,19 +589,24 @@ mod tests {
         let p = parse(&format!("[pipeline]\ncache = false\n{node}cache = false\n")).unwrap();
         assert_eq!(p.settings.cache, CacheSetting::Off);
         assert!(!p.nodes[0].cache);
-        let p = parse(&format!("[vars]\nd = \"/c\"\n[pipeline]\ncache = \"${{d}}/v\"\n{node}")).unwrap();
+        let p = parse(&format!(
+            "[vars]\nd = \"/c\"\n[pipeline]\ncache = \"${{d}}/v\"\n{node}"
+        ))
+        .unwrap();
         assert_eq!(p.settings.cache, CacheSetting::Dir("/c/v".into()));
 
         let e = parse("[pipeline]\ncache = 3\n[nodes.a]\ntype = \"register\"\ncache = false\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("`cache` must be a folder"), "{e}");
+        assert!(e.contains("p.toml:5:") && e.contains("never cached"), "{e}");
+        let e = parse(&format!("{node}cache = \"no\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("p.toml:5:") && e.contains("never cached"),
+            e.contains("p.toml:3:") && e.contains("true or false"),
             "{e}"
         );
-        let e = parse(&format!("{node}cache = \"no\"\n")).unwrap_err().to_string();
-        assert!(e.contains("p.toml:3:") && e.contains("true or false"), "{e}");
     }
 
     #[test]
