@@ -509,6 +509,26 @@ mod tests {
     }
 
     #[test]
+    fn runs_storing_the_same_key_at_once_leave_one_whole_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let original = scan();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| write(tmp.path(), &key(6), &original).unwrap());
+            }
+        });
+        let back = read(tmp.path(), &key(6)).unwrap().expect("stored");
+        assert_eq!(back.image.data, original.image.data);
+        let shard = entry_dir(tmp.path(), &key(6));
+        let names: Vec<String> = std::fs::read_dir(shard.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [key(6).hex()], "no temporary folder left");
+    }
+
+    #[test]
     fn clear_removes_entries_and_leaves_other_files() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), &key(4), &scan()).unwrap();
