@@ -2,10 +2,12 @@
 //!
 //! - [`config`]: pipeline TOML to located, collected errors or a [`config::PipelineFile`];
 //! - [`graph`]: stages built and checked into a [`graph::Pipeline`], and its DOT drawing;
-//! - [`run`]: the bounded-channel runtime that streams subjects through the nodes.
+//! - [`run`]: the bounded-channel runtime that streams subjects through the nodes;
+//! - [`cache`]: preprocessed volumes kept on disk, keyed by what made them.
 //!
 //! Stages, volumes and formats live in the `voxflow-stages` crate.
 
+pub mod cache;
 pub mod config;
 pub mod graph;
 pub mod run;

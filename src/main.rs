@@ -88,6 +88,14 @@ enum Command {
         /// Never draw progress bars, even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Neither read nor write the volume cache (every node computes its value).
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Manage the volume cache of preprocessed scans.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
     },
     /// Check a pipeline file without running anything; lists every problem found.
     Validate {
@@ -107,6 +115,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Remove every cached volume (the folder itself and files voxflow did not make stay).
+    Clear {
+        /// The cache folder (default: ${XDG_CACHE_HOME:-~/.cache}/voxflow/volumes; use the
+        /// pipeline's `[pipeline] cache` folder if it sets one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the default cache folder.
+    Dir,
 }
 
 fn main() -> ExitCode {
@@ -183,10 +204,12 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             Err(errors) => report_config_errors(&errors),
         }),
         Command::Inspect { file, json } => inspect(&file, json),
+        Command::Cache { action } => cache(action),
         Command::Run {
             file,
             output,
             threads,
+            no_cache,
             ..
         } => {
             let pipeline = match voxflow::load_pipeline(&file) {
@@ -195,8 +218,14 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             };
             set_threads(threads);
             let runtime = tokio::runtime::Runtime::new()?;
-            let outcome =
-                runtime.block_on(voxflow::run::run(pipeline, RunOptions { output, bars }))?;
+            let outcome = runtime.block_on(voxflow::run::run(
+                pipeline,
+                RunOptions {
+                    output,
+                    bars,
+                    no_cache,
+                },
+            ))?;
             print_outcome(&outcome);
             Ok(if outcome.failed() > 0 {
                 ExitCode::from(1)
@@ -205,6 +234,29 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             })
         }
     }
+}
+
+fn cache(action: CacheAction) -> anyhow::Result<ExitCode> {
+    let default = || {
+        voxflow::cache::default_dir()
+            .ok_or_else(|| anyhow::anyhow!("neither XDG_CACHE_HOME nor HOME is set; use --dir"))
+    };
+    match action {
+        CacheAction::Dir => emit(&format!("{}\n", default()?.display()))?,
+        CacheAction::Clear { dir } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => default()?,
+            };
+            let (entries, bytes) = voxflow::cache::clear(&dir)?;
+            emit(&format!(
+                "{}: removed {entries} entries ({:.1} MB)\n",
+                dir.display(),
+                bytes as f64 / 1e6
+            ))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report_config_errors(errors: &voxflow::config::ConfigErrors) -> ExitCode {

@@ -16,11 +16,19 @@ fn data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
 }
 
+/// Runs voxflow in `cwd`. Its default volume cache goes under `cwd` when that is a temporary
+/// folder, and nowhere near the user's own cache otherwise.
 fn voxflow(args: &[&str], cwd: &Path) -> Output {
+    let xdg = if cwd.starts_with(std::env::temp_dir()) {
+        cwd.join(".xdg-cache")
+    } else {
+        std::env::temp_dir().join("voxflow-cli-tests-xdg-cache")
+    };
     Command::new(env!("CARGO_BIN_EXE_voxflow"))
         .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
+        .env("XDG_CACHE_HOME", xdg)
         .output()
         .expect("the voxflow binary runs")
 }
@@ -676,4 +684,178 @@ fn skullstrip_eval_strips_each_head_with_the_other_heads() {
         eprintln!("{subject}: atlas-method mask Dice at 4 mm {d:.4}");
         assert!(d >= floor, "{subject}: Dice {d} under {floor}\n{log}");
     }
+}
+
+/// `(hits, misses)` the end-of-run cache summary logged for `node`.
+fn cache_counts(log: &str, node: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("Volume cache") && l.contains(&format!(" node={node} ")))
+        .unwrap_or_else(|| panic!("no cache summary for {node}:\n{log}"));
+    let count = |name: &str| -> u64 {
+        let at = line.find(&format!("{name}=")).expect(name) + name.len() + 1;
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap()
+    };
+    (count("hits"), count("misses"))
+}
+
+/// A temporary copy of the real subject (so a test may touch its files) and the one-shot
+/// pipeline on it with its volume cache in `cache`.
+fn cached_oneshot(tmp: &Path, cache: &Path) -> PathBuf {
+    let root = tmp.join("data");
+    let subject = root.join("subj");
+    std::fs::create_dir_all(&subject).unwrap();
+    for name in ["norm.nii.gz", "seg.nii.gz"] {
+        std::fs::copy(
+            data().join("oasis_like_subject").join(name),
+            subject.join(name),
+        )
+        .unwrap();
+    }
+    let text = oneshot(&root, "subj", 4.0, Path::new("out")).replacen(
+        "[pipeline]\n",
+        &format!("[pipeline]\ncache = \"{}\"\n", cache.display()),
+        1,
+    );
+    let pipeline = tmp.join("cached.toml");
+    std::fs::write(&pipeline, text).unwrap();
+    pipeline
+}
+
+fn run_into(pipeline: &Path, output: &str, extra: &[&str], cwd: &Path) -> String {
+    let mut args = vec!["run", pipeline.to_str().unwrap(), "--no-progress"];
+    args.extend(["--output", output]);
+    args.extend(extra);
+    let run = voxflow(&args, cwd);
+    assert!(run.status.success(), "{}", text(&run));
+    text(&run)
+}
+
+const PREPROCESSING: [&str; 5] = ["atlas", "atlas_norm", "scan", "oriented", "norm"];
+
+/// A second run reads every preprocessing node from the cache and writes the same bytes;
+/// changing a parameter misses that node and what follows; touching an input file misses
+/// the nodes of that subject but not the atlas.
+#[test]
+fn a_rerun_reads_preprocessed_scans_from_the_cache_until_something_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let pipeline = cached_oneshot(tmp.path(), &cache);
+
+    let cold = run_into(&pipeline, "out1", &[], tmp.path());
+    for node in PREPROCESSING {
+        assert_eq!(cache_counts(&cold, node), (0, 1), "{node} cold");
+    }
+    let warm = run_into(&pipeline, "out2", &[], tmp.path());
+    for node in PREPROCESSING {
+        assert_eq!(cache_counts(&warm, node), (1, 0), "{node} warm");
+    }
+    for name in ["seg.nii.gz", "warped_atlas.nii.gz", "field.nii.gz"] {
+        let read = |out: &str| std::fs::read(tmp.path().join(out).join("subj").join(name)).unwrap();
+        assert!(
+            read("out1") == read("out2"),
+            "{name} differs after a cached run"
+        );
+    }
+    let dice = |out: &str| report(&tmp.path().join(out))["per_subject"][0]["dice_after"].clone();
+    assert_eq!(dice("out1"), dice("out2"));
+
+    // Another normalization of the subject: only `norm` misses.
+    let text = std::fs::read_to_string(&pipeline).unwrap().replacen(
+        "inputs = [\"oriented\"]\n",
+        "inputs = [\"oriented\"]\npercentiles = [1.0, 99.0]\n",
+        1,
+    );
+    std::fs::write(&pipeline, text).unwrap();
+    let changed = run_into(&pipeline, "out3", &[], tmp.path());
+    for (node, counts) in [
+        ("atlas_norm", (1, 0)),
+        ("oriented", (1, 0)),
+        ("norm", (0, 1)),
+    ] {
+        assert_eq!(
+            cache_counts(&changed, node),
+            counts,
+            "{node} after a parameter change"
+        );
+    }
+
+    // A touched label file: the subject's nodes miss, the atlas still hits.
+    let seg = std::fs::File::options()
+        .write(true)
+        .open(tmp.path().join("data/subj/seg.nii.gz"))
+        .unwrap();
+    seg.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+    let touched = run_into(&pipeline, "out4", &[], tmp.path());
+    for (node, counts) in [("atlas", (1, 0)), ("scan", (0, 1)), ("oriented", (0, 1))] {
+        assert_eq!(
+            cache_counts(&touched, node),
+            counts,
+            "{node} after touching seg"
+        );
+    }
+}
+
+/// `--no-cache` writes nothing; a truncated entry is named in a warning, recomputed and
+/// replaced, and the run succeeds; `cache clear` empties the folder.
+#[test]
+fn a_damaged_cache_entry_is_recomputed_and_no_cache_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let pipeline = cached_oneshot(tmp.path(), &cache);
+
+    run_into(&pipeline, "out0", &["--no-cache"], tmp.path());
+    assert!(!cache.exists(), "--no-cache created {}", cache.display());
+    assert!(!tmp.path().join(".xdg-cache").exists());
+
+    run_into(&pipeline, "out1", &[], tmp.path());
+    let mut files: Vec<PathBuf> = Vec::new();
+    for shard in std::fs::read_dir(&cache).unwrap().flatten() {
+        for entry in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            files.push(entry.path().join("0.f32"));
+        }
+    }
+    assert_eq!(files.len(), PREPROCESSING.len(), "{files:?}");
+    for file in &files {
+        let f = std::fs::File::options().write(true).open(file).unwrap();
+        f.set_len(1000).unwrap();
+    }
+    let damaged = run_into(&pipeline, "out2", &[], tmp.path());
+    assert!(
+        damaged.contains("Cache entry unreadable") && damaged.contains("0.f32"),
+        "{damaged}"
+    );
+    for node in PREPROCESSING {
+        assert_eq!(cache_counts(&damaged, node), (0, 1), "{node} recomputed");
+    }
+    assert_eq!(
+        report(&tmp.path().join("out1"))["per_subject"][0]["dice_after"],
+        report(&tmp.path().join("out2"))["per_subject"][0]["dice_after"]
+    );
+    let repaired = run_into(&pipeline, "out3", &[], tmp.path());
+    for node in PREPROCESSING {
+        assert_eq!(cache_counts(&repaired, node), (1, 0), "{node} replaced");
+    }
+
+    let clear = voxflow(
+        &["cache", "clear", "--dir", cache.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert!(clear.status.success(), "{}", text(&clear));
+    assert!(
+        text(&clear).contains("removed 5 entries"),
+        "{}",
+        text(&clear)
+    );
+    let left: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "only CACHEDIR.TAG stays: {left:?}");
 }

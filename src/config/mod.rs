@@ -83,6 +83,7 @@ struct SettingsWire {
     output: Option<String>,
     channel_capacity: Option<usize>,
     description: Option<String>,
+    cache: Option<toml::Value>,
 }
 
 /// A `[nodes.NAME]` table as written, keys kept with their spans.
@@ -110,6 +111,8 @@ pub struct Settings {
     pub channel_capacity: usize,
     /// Free text.
     pub description: Option<String>,
+    /// Where the volume cache lives (`cache = "DIR"`), or `cache = false` for none.
+    pub cache: crate::cache::CacheSetting,
 }
 
 /// One `[nodes.NAME]` table, parsed but not yet built into a stage.
@@ -127,6 +130,9 @@ pub struct NodeSpec {
     pub channel_capacity: Option<usize>,
     /// Most subjects handed to the stage in one call (1: one at a time).
     pub batch: usize,
+    /// Whether the volume cache may serve and keep this node's values (`cache = false` opts
+    /// out; only cacheable types accept the key).
+    pub cache: bool,
     /// The stage's own parameters, `${VAR}`s expanded.
     pub params: toml::Table,
     /// Line of the node's header.
@@ -151,7 +157,14 @@ pub struct PipelineFile {
 /// volumes (hundreds of MB) or a thread, so larger values only exhaust memory.
 const MAX_ENGINE_COUNT: usize = 1024;
 
-const ENGINE_KEYS: &[&str] = &["type", "inputs", "concurrency", "channel_capacity", "batch"];
+const ENGINE_KEYS: &[&str] = &[
+    "type",
+    "inputs",
+    "concurrency",
+    "channel_capacity",
+    "batch",
+    "cache",
+];
 
 /// Converts byte offsets to 1-based `(line, column)`.
 pub(crate) struct LineIndex {
@@ -355,6 +368,7 @@ fn settings(
         Some(o) => PathBuf::from(expand_or_report(o)),
         None => Path::new("out").join(&name),
     };
+    let cache = cache_setting(parsed.cache.as_ref(), &mut expand_or_report);
     if parsed
         .channel_capacity
         .is_some_and(|c| !(1..=MAX_ENGINE_COUNT).contains(&c))
@@ -362,6 +376,12 @@ fn settings(
         report(
             wire.map(|w| w.span().start),
             format!("[pipeline]: channel_capacity must be between 1 and {MAX_ENGINE_COUNT}"),
+        );
+    }
+    if cache.is_none() {
+        report(
+            wire.map(|w| w.span().start),
+            "[pipeline]: `cache` must be a folder or a boolean".into(),
         );
     }
     Settings {
@@ -372,6 +392,22 @@ fn settings(
             .unwrap_or(DEFAULT_CHANNEL_CAPACITY)
             .max(1),
         description: parsed.description,
+        cache: cache.unwrap_or_default(),
+    }
+}
+
+/// `[pipeline] cache`: absent or `true` for the per-user folder, `false` for none, or a
+/// folder (variables expanded); `None` for any other value.
+fn cache_setting(
+    value: Option<&toml::Value>,
+    expand: &mut dyn FnMut(&str) -> String,
+) -> Option<crate::cache::CacheSetting> {
+    use crate::cache::CacheSetting;
+    match value {
+        None | Some(toml::Value::Boolean(true)) => Some(CacheSetting::Default),
+        Some(toml::Value::Boolean(false)) => Some(CacheSetting::Off),
+        Some(toml::Value::String(dir)) => Some(CacheSetting::Dir(PathBuf::from(expand(dir)))),
+        Some(_) => None,
     }
 }
 
@@ -435,6 +471,31 @@ fn node_spec(
     let concurrency = positive("concurrency", report).unwrap_or(1);
     let channel_capacity = positive("channel_capacity", report);
     let batch = positive("batch", report).unwrap_or(1);
+    let cache = match values.get("cache").map(|v| v.get_ref()) {
+        None => true,
+        Some(toml::Value::Boolean(b))
+            if kind
+                .as_deref()
+                .is_none_or(|k| crate::cache::CACHEABLE.contains(&k)) =>
+        {
+            *b
+        }
+        Some(toml::Value::Boolean(_)) => {
+            report(
+                at("cache"),
+                format!(
+                    "`cache`: nodes of type {:?} are never cached (only {})",
+                    kind.as_deref().unwrap_or_default(),
+                    crate::cache::CACHEABLE.join(", ")
+                ),
+            );
+            true
+        }
+        Some(_) => {
+            report(at("cache"), "`cache` must be true or false".into());
+            true
+        }
+    };
 
     let mut params = toml::Table::new();
     for (key, value) in &values {
@@ -456,6 +517,7 @@ fn node_spec(
         concurrency,
         channel_capacity,
         batch,
+        cache,
         params,
         line: lines.line(header),
         key_lines,
@@ -525,6 +587,36 @@ mod tests {
         assert!(
             all.contains("p.toml:8:") && all.contains("`concurrency`"),
             "{all}"
+        );
+    }
+
+    #[test]
+    fn cache_settings_are_read_and_checked() {
+        use crate::cache::CacheSetting;
+        let node = "[nodes.a]\ntype = \"load\"\n";
+        let p = parse(node).unwrap();
+        assert_eq!(p.settings.cache, CacheSetting::Default);
+        assert!(p.nodes[0].cache);
+        let p = parse(&format!("[pipeline]\ncache = false\n{node}cache = false\n")).unwrap();
+        assert_eq!(p.settings.cache, CacheSetting::Off);
+        assert!(!p.nodes[0].cache);
+        let p = parse(&format!(
+            "[vars]\nd = \"/c\"\n[pipeline]\ncache = \"${{d}}/v\"\n{node}"
+        ))
+        .unwrap();
+        assert_eq!(p.settings.cache, CacheSetting::Dir("/c/v".into()));
+
+        let e = parse("[pipeline]\ncache = 3\n[nodes.a]\ntype = \"register\"\ncache = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`cache` must be a folder"), "{e}");
+        assert!(e.contains("p.toml:5:") && e.contains("never cached"), "{e}");
+        let e = parse(&format!("{node}cache = \"no\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("p.toml:3:") && e.contains("true or false"),
+            "{e}"
         );
     }
 

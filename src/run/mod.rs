@@ -22,6 +22,10 @@
 //! stages run as async tasks that hand each call to the runtime's blocking pool. A stage that
 //! fails or panics marks the record failed; later nodes pass it through untouched and the
 //! run goes on with the next subject.
+//!
+//! Nodes whose value is cacheable go through [`crate::cache`]: each record carries the key
+//! of every value it produced, and a node whose key is in the cache reads its value back
+//! instead of running its stage (the time it took is still recorded as the node's).
 
 mod progress;
 
@@ -39,6 +43,7 @@ use voxflow_stages::stage::{
 
 pub use progress::{Progress, ProgressWriter};
 
+use crate::cache::{Cache, Key};
 use crate::graph::Pipeline;
 
 /// How to run, beyond what the pipeline file says.
@@ -48,6 +53,8 @@ pub struct RunOptions {
     pub output: Option<PathBuf>,
     /// Where to draw progress bars; `None` for none.
     pub bars: Option<indicatif::MultiProgress>,
+    /// Neither read nor write the volume cache, whatever the pipeline file says.
+    pub no_cache: bool,
 }
 
 /// What a finished run produced.
@@ -77,6 +84,8 @@ struct Record {
     id: String,
     /// Values by node index; constant nodes' values live in [`Shared::constants`].
     values: Vec<Option<Value>>,
+    /// Cache keys by node index, for the values this record holds or held.
+    keys: Vec<Option<Key>>,
     failure: Option<(String, String)>,
     timings: Vec<(String, f64)>,
 }
@@ -85,6 +94,8 @@ struct Record {
 struct Shared {
     pipeline: Pipeline,
     constants: Vec<Option<Value>>,
+    constant_keys: Vec<Option<Key>>,
+    cache: Arc<Cache>,
     output: PathBuf,
     /// For each node, the index of the last per-subject node that reads it.
     last_use: Vec<usize>,
@@ -105,7 +116,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         .unwrap_or_else(|| pipeline.settings.output.clone());
     fs_err::create_dir_all(&output).context("cannot create the output directory")?;
 
-    let constants = run_constants(&pipeline, &output).await?;
+    let cache = Arc::new(Cache::new(&pipeline, options.no_cache));
+    let (constants, constant_keys) = run_constants(&pipeline, &cache, &output).await?;
     let entries = list_subjects(&pipeline)?;
     info!(pipeline = %pipeline.settings.name, subjects = entries.len(), output = %output.display(),
         "Starting run");
@@ -123,6 +135,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
     let shared = Arc::new(Shared {
         pipeline,
         constants,
+        constant_keys,
+        cache,
         output: output.clone(),
         last_use,
         progress,
@@ -130,6 +144,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
 
     let collected = stream_subjects(shared.clone(), &stream, entries).await?;
     shared.progress.finish();
+    shared.cache.log_summary();
 
     let summary = RunSummary {
         pipeline: shared.pipeline.settings.name.clone(),
@@ -144,11 +159,15 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
     })
 }
 
+type Constants = (Vec<Option<Value>>, Vec<Option<Key>>);
+
 async fn run_constants(
     pipeline: &Pipeline,
+    cache: &Arc<Cache>,
     output: &std::path::Path,
-) -> anyhow::Result<Vec<Option<Value>>> {
+) -> anyhow::Result<Constants> {
     let mut values: Vec<Option<Value>> = vec![None; pipeline.nodes.len()];
+    let mut keys: Vec<Option<Key>> = vec![None; pipeline.nodes.len()];
     for (i, node) in pipeline.nodes.iter().enumerate() {
         if node.per_subject {
             continue;
@@ -163,7 +182,9 @@ async fn run_constants(
                     .map(|v| (pipeline.nodes[j].spec.name.clone(), v))
             })
             .collect();
-        let stage = node.stage.clone();
+        let input_keys: Vec<Option<Key>> = node.inputs.iter().map(|&j| keys[j]).collect();
+        let key = cache.key(i, "<constant>", &input_keys);
+        let (stage, cache) = (node.stage.clone(), cache.clone());
         let (name, out) = (node.spec.name.clone(), output.to_path_buf());
         let result = tokio::task::spawn_blocking(move || {
             let ctx = Context {
@@ -174,7 +195,7 @@ async fn run_constants(
             let inputs = Inputs {
                 values: inputs.iter().map(|(n, v)| (n.as_str(), v)).collect(),
             };
-            stage.process(&ctx, &inputs)
+            cache.get_or_compute(i, key, || stage.process(&ctx, &inputs))
         })
         .instrument(info_span!("constant", stage = %node.spec.name))
         .await
@@ -187,8 +208,9 @@ async fn run_constants(
         })?;
         info!(node = %node.spec.name, seconds = started.elapsed().as_secs_f64(), "Constant ready");
         values[i] = Some(value);
+        keys[i] = key;
     }
-    Ok(values)
+    Ok((values, keys))
 }
 
 fn list_subjects(pipeline: &Pipeline) -> anyhow::Result<Vec<SubjectEntry>> {
@@ -244,6 +266,7 @@ async fn stream_subjects(
             let record = Record {
                 id,
                 values,
+                keys: vec![None; n_nodes],
                 failure: None,
                 timings: Vec::new(),
             };
@@ -437,7 +460,7 @@ fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record>
     let results = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut ready = Vec::new();
-            let mut outcome: Vec<Option<Result<Value, String>>> = vec![None; live.len()];
+            let mut outcome: Vec<Option<Result<Keyed, String>>> = vec![None; live.len()];
             for (slot, &i) in live.iter().enumerate() {
                 match gather(shared, node, &records[i]) {
                     Ok(values) => ready.push((slot, context(shared, node, &records[i]), values)),
@@ -457,7 +480,8 @@ fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record>
                 .collect();
             let done = n.stage.process_batch(&items);
             for ((slot, _, _), result) in ready.iter().zip(done) {
-                outcome[*slot] = Some(result.map_err(|e| e.to_string()));
+                // Batching stages are never cached: their values have no key.
+                outcome[*slot] = Some(result.map(|v| (v, None)).map_err(|e| e.to_string()));
             }
             outcome
         }))
@@ -490,13 +514,16 @@ fn settle(
     shared: &Shared,
     node: usize,
     record: &mut Record,
-    result: Result<Value, String>,
+    result: Result<Keyed, String>,
     seconds: f64,
 ) {
     let name = &shared.pipeline.nodes[node].spec.name;
     record.timings.push((name.clone(), seconds));
     match result {
-        Ok(value) => record.values[node] = Some(value),
+        Ok((value, key)) => {
+            record.values[node] = Some(value);
+            record.keys[node] = key;
+        }
         Err(reason) => {
             warn!(subject = %record.id, node = %name, reason = %reason, "Subject failed");
             record.failure = Some((name.clone(), reason));
@@ -560,11 +587,33 @@ fn context<'a>(shared: &'a Shared, node: usize, record: &'a Record) -> Context<'
     }
 }
 
-fn process(shared: &Shared, node: usize, record: &Record) -> Result<Value, String> {
+/// A value and its cache key (`None` when it is not cacheable).
+type Keyed = (Value, Option<Key>);
+
+/// Runs node `node`'s stage on `record` (or reads its value from the cache); returns the
+/// value and its cache key.
+fn process(shared: &Shared, node: usize, record: &Record) -> Result<Keyed, String> {
     let values = gather(shared, node, record)?;
-    shared.pipeline.nodes[node]
-        .stage
-        .process(&context(shared, node, record), &Inputs { values })
+    let nodes = &shared.pipeline.nodes;
+    let keys: Vec<Option<Key>> = nodes[node]
+        .inputs
+        .iter()
+        .map(|&j| {
+            let (source, source_keys) = if nodes[j].per_subject {
+                (&record.values, &record.keys)
+            } else {
+                (&shared.constants, &shared.constant_keys)
+            };
+            shared.cache.input_key(source_keys[j], source[j].as_ref())
+        })
+        .collect();
+    let key = shared.cache.key(node, &record.id, &keys);
+    let inputs = Inputs { values };
+    let ctx = context(shared, node, record);
+    shared
+        .cache
+        .get_or_compute(node, key, || nodes[node].stage.process(&ctx, &inputs))
+        .map(|value| (value, key))
         .map_err(|e| e.to_string())
 }
 
@@ -664,6 +713,7 @@ mod tests {
             concurrency: 1,
             channel_capacity: capacity,
             batch: 1,
+            cache: true,
             params: toml::Table::new(),
             line: 1,
             key_lines: Default::default(),
@@ -683,6 +733,7 @@ mod tests {
             output: std::env::temp_dir().join("voxflow-run-test"),
             channel_capacity: 8,
             description: None,
+            cache: crate::cache::CacheSetting::Off,
         };
         let nodes = vec![
             node("source", Arc::new(Source(subjects)), vec![], None),
@@ -707,6 +758,7 @@ mod tests {
         let options = RunOptions {
             output: Some(tmp),
             bars: None,
+            no_cache: true,
         };
         let outcome = run(pipeline(subjects, capacity, &counter), options)
             .await
@@ -799,6 +851,7 @@ mod tests {
         let options = RunOptions {
             output: Some(std::env::temp_dir().join("voxflow-run-test-batch")),
             bars: None,
+            no_cache: true,
         };
         let outcome = run(p, options).await.unwrap();
         assert_eq!(outcome.summary.subjects.len(), 10);

@@ -19,7 +19,7 @@ use nalgebra::{Matrix3, Matrix4, Vector3, Vector4};
 pub type Affine = Matrix4<f64>;
 
 /// How the values were stored in the source file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
     /// Unsigned 8-bit integer.
@@ -60,7 +60,7 @@ impl DataType {
 }
 
 /// The file format a volume came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// NIfTI-1, plain or gzip-compressed.
@@ -72,7 +72,7 @@ pub enum Format {
 }
 
 /// Which header field the voxel-to-world affine was taken from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AffineSource {
     /// NIfTI `srow_*` (sform_code > 0).

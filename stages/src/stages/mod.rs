@@ -31,7 +31,7 @@ mod write;
 pub use conform::{Conform, ConformConfig, Spacing};
 pub use dataset::{Dataset, DatasetConfig};
 pub use dice::{Dice, DiceConfig};
-pub use load::{Load, LoadConfig, NonFinite};
+pub use load::{Load, LoadConfig, NonFinite, load_scan};
 pub use normalize::{Normalize, NormalizeConfig, NormalizeMethod};
 pub use report::{Report, ReportConfig};
 pub use segment::{LabelInterp, Segment, SegmentConfig};

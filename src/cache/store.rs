@@ -1,0 +1,545 @@
+//! Cache entries on disk: one folder per key holding raw `f32` files and a JSON header.
+//!
+//! ```text
+//! DIR/CACHEDIR.TAG                 tells backup tools to skip the folder
+//! DIR/ab/abcdef…(64 hex)/entry.json  shapes, affines, source headers, how volumes form the scan
+//! DIR/ab/abcdef…/0.f32, 1.f32, …     voxels, little-endian f32, `i` fastest (as `Volume`)
+//! ```
+//!
+//! Raw `f32` is what [`Volume`] holds, so reading an entry back is a memory map and a copy,
+//! with no decompression and no conversion; the files are larger than the gzip inputs (that
+//! is the trade). A volume the scan holds twice (a `conform` output whose `native` scan is
+//! the same image) is written once and shared again when read.
+//!
+//! An entry is written under a temporary name in its shard folder and renamed into place
+//! when complete, so a killed run leaves at most a `.tmp-*` folder (removed by `clear`) and
+//! two runs storing the same key both succeed (the second finds the first's entry and drops
+//! its own). An entry whose header does not parse or whose files have the wrong size is an
+//! error for the caller to log, remove and recompute.
+//!
+//! Limitation: [`Volume`] owns a `Vec<f32>`, so the mapped pages are copied into it; serving
+//! volumes straight from the map would need a different storage type in every stage. Files
+//! are not `fsync`ed: a power cut right after a run may leave an entry with short files,
+//! which the size check then rejects.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use voxflow_stages::stage::Scan;
+use voxflow_stages::volume::{Affine, AffineSource, DataType, Format, SourceHeader, Volume};
+
+use super::{FORMAT_VERSION, Key};
+
+/// Name of the header file of an entry.
+const HEADER: &str = "entry.json";
+
+/// A cache entry could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The file system refused.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The entry is not what this version writes (truncated, edited, another format).
+    #[error("{path}: corrupt cache entry: {reason}")]
+    Corrupt {
+        /// The entry's file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The entry's header as written in `entry.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct EntryHeader {
+    format: u32,
+    volumes: Vec<VolumeMeta>,
+    scan: ScanMeta,
+}
+
+/// One volume: its file is `<index>.f32`.
+#[derive(Debug, Serialize, Deserialize)]
+struct VolumeMeta {
+    shape: [usize; 3],
+    frames: usize,
+    /// Row-major 4×4.
+    affine: [f64; 16],
+    header: HeaderMeta,
+}
+
+/// [`SourceHeader`], field by field.
+#[derive(Debug, Serialize, Deserialize)]
+struct HeaderMeta {
+    path: PathBuf,
+    format: Format,
+    dtype: DataType,
+    affine: [f64; 16],
+    affine_source: AffineSource,
+    qform_code: i16,
+    sform_code: i16,
+    scaling: (f64, f64),
+}
+
+/// A scan as indices into the entry's volumes.
+#[derive(Debug, Serialize, Deserialize)]
+struct ScanMeta {
+    image: usize,
+    labels: Option<usize>,
+    mask: Option<usize>,
+    native: Option<Box<ScanMeta>>,
+}
+
+/// The folder of the entry for `key`.
+pub fn entry_dir(dir: &Path, key: &Key) -> PathBuf {
+    let hex = key.hex();
+    dir.join(&hex[..2]).join(hex)
+}
+
+/// Reads the entry for `key`; `Ok(None)` when there is none.
+///
+/// # Errors
+/// [`CacheError::Corrupt`] for an entry that is not whole, [`CacheError::Io`] when it cannot
+/// be read.
+pub fn read(dir: &Path, key: &Key) -> Result<Option<Scan>, CacheError> {
+    let entry = entry_dir(dir, key);
+    let header_path = entry.join(HEADER);
+    let text = match std::fs::read(&header_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&header_path)(e)),
+    };
+    let corrupt = |reason: String| CacheError::Corrupt {
+        path: header_path.clone(),
+        reason,
+    };
+    let header: EntryHeader = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+    if header.format != FORMAT_VERSION {
+        return Err(corrupt(format!("format {}", header.format)));
+    }
+    let volumes = header
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| read_volume(&entry, i, meta).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scan = assemble(&header.scan, &volumes).ok_or_else(|| corrupt("bad index".into()))?;
+    Ok(Some(scan))
+}
+
+fn assemble(meta: &ScanMeta, volumes: &[Arc<Volume>]) -> Option<Scan> {
+    let get = |i: Option<usize>| -> Option<Option<Arc<Volume>>> {
+        match i {
+            None => Some(None),
+            Some(i) => volumes.get(i).cloned().map(Some),
+        }
+    };
+    let native = match &meta.native {
+        None => None,
+        Some(n) => Some(Arc::new(assemble(n, volumes)?)),
+    };
+    Some(Scan {
+        image: volumes.get(meta.image)?.clone(),
+        labels: get(meta.labels)?,
+        mask: get(meta.mask)?,
+        native,
+    })
+}
+
+fn read_volume(entry: &Path, index: usize, meta: &VolumeMeta) -> Result<Volume, CacheError> {
+    let path = entry.join(format!("{index}.f32"));
+    let values = meta
+        .shape
+        .iter()
+        .try_fold(meta.frames, |n, &s| n.checked_mul(s));
+    let expected = values.and_then(|n| n.checked_mul(4));
+    let file = std::fs::File::open(&path).map_err(io(&path))?;
+    let len = file.metadata().map_err(io(&path))?.len();
+    if expected.is_none_or(|e| e as u64 != len) {
+        return Err(CacheError::Corrupt {
+            path,
+            reason: format!(
+                "{len} bytes, expected {:?} for shape {:?} × {} frames",
+                expected, meta.shape, meta.frames
+            ),
+        });
+    }
+    let data = read_f32(&file, &path, len as usize)?;
+    let h = &meta.header;
+    Ok(Volume {
+        data,
+        shape: meta.shape,
+        frames: meta.frames,
+        affine: from_rows(&meta.affine),
+        header: Arc::new(SourceHeader {
+            path: h.path.clone(),
+            format: h.format,
+            dtype: h.dtype,
+            affine: from_rows(&h.affine),
+            affine_source: h.affine_source,
+            qform_code: h.qform_code,
+            sform_code: h.sform_code,
+            scaling: h.scaling,
+        }),
+    })
+}
+
+/// The file's little-endian `f32`s, through a memory map, or a plain read if mapping fails.
+fn read_f32(file: &std::fs::File, path: &Path, len: usize) -> Result<Vec<f32>, CacheError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the map is only read, and only while this function runs. Cache files are never
+    // modified or truncated in place: entries are written under a temporary name, renamed
+    // whole, and removed by unlinking (which keeps the pages of an open file valid). Only a
+    // process outside voxflow truncating the file during this copy could invalidate the map.
+    match unsafe { Mmap::map(file) } {
+        Ok(map) if map.len() == len => Ok(decode(&map)),
+        Ok(_) | Err(_) => {
+            tracing::debug!(file = %path.display(), "Cannot map the cache file; reading it");
+            let bytes = std::fs::read(path).map_err(io(path))?;
+            if bytes.len() != len {
+                return Err(CacheError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "changed while read".into(),
+                });
+            }
+            Ok(decode(&bytes))
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn rows(m: &Affine) -> [f64; 16] {
+    std::array::from_fn(|i| m[(i / 4, i % 4)])
+}
+
+fn from_rows(a: &[f64; 16]) -> Affine {
+    Affine::from_fn(|r, c| a[r * 4 + c])
+}
+
+/// Stores `scan` under `key`; returns the bytes written (0 when another run stored it first).
+///
+/// # Errors
+/// When the folder or a file cannot be written; nothing is left under the final name.
+pub fn write(dir: &Path, key: &Key, scan: &Scan) -> Result<u64, CacheError> {
+    let target = entry_dir(dir, key);
+    if target.join(HEADER).exists() {
+        return Ok(0);
+    }
+    let shard = target.parent().expect("entry folders sit in a shard");
+    std::fs::create_dir_all(shard).map_err(io(shard))?;
+    tag(dir);
+    let tmp = shard.join(temporary_name(key));
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let written = write_entry(&tmp, scan).and_then(|bytes| {
+        match std::fs::rename(&tmp, &target) {
+            Ok(()) => Ok(bytes),
+            // Another run renamed its copy first: theirs is as good as ours.
+            Err(_) if target.join(HEADER).exists() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(0)
+            }
+            Err(e) => Err(io(&target)(e)),
+        }
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
+fn temporary_name(key: &Key) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".tmp-{}-{}-{n}", key.hex(), std::process::id())
+}
+
+/// Writes the volumes and the header into `folder`; returns the bytes written.
+fn write_entry(folder: &Path, scan: &Scan) -> Result<u64, CacheError> {
+    let mut volumes: Vec<Arc<Volume>> = Vec::new();
+    let meta = describe(scan, &mut volumes);
+    let mut bytes = 0;
+    for (i, v) in volumes.iter().enumerate() {
+        bytes += write_f32(&folder.join(format!("{i}.f32")), &v.data)?;
+    }
+    let header = EntryHeader {
+        format: FORMAT_VERSION,
+        volumes: volumes.iter().map(|v| volume_meta(v)).collect(),
+        scan: meta,
+    };
+    let path = folder.join(HEADER);
+    let text = serde_json::to_vec_pretty(&header).map_err(|e| CacheError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&path, &text).map_err(io(&path))?;
+    Ok(bytes + text.len() as u64)
+}
+
+/// The scan as indices into `volumes`, adding each distinct volume (by pointer) once.
+fn describe(scan: &Scan, volumes: &mut Vec<Arc<Volume>>) -> ScanMeta {
+    let mut index = |v: &Arc<Volume>| match volumes.iter().position(|w| Arc::ptr_eq(v, w)) {
+        Some(i) => i,
+        None => {
+            volumes.push(v.clone());
+            volumes.len() - 1
+        }
+    };
+    let image = index(&scan.image);
+    let labels = scan.labels.as_ref().map(&mut index);
+    let mask = scan.mask.as_ref().map(&mut index);
+    ScanMeta {
+        image,
+        labels,
+        mask,
+        native: scan.native.as_ref().map(|n| Box::new(describe(n, volumes))),
+    }
+}
+
+fn volume_meta(v: &Volume) -> VolumeMeta {
+    let h = &v.header;
+    VolumeMeta {
+        shape: v.shape,
+        frames: v.frames,
+        affine: rows(&v.affine),
+        header: HeaderMeta {
+            path: h.path.clone(),
+            format: h.format,
+            dtype: h.dtype,
+            affine: rows(&h.affine),
+            affine_source: h.affine_source,
+            qform_code: h.qform_code,
+            sform_code: h.sform_code,
+            scaling: h.scaling,
+        },
+    }
+}
+
+fn write_f32(path: &Path, data: &[f32]) -> Result<u64, CacheError> {
+    let mut file = std::fs::File::create(path).map_err(io(path))?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    for chunk in data.chunks(1 << 18) {
+        buf.clear();
+        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+        file.write_all(&buf).map_err(io(path))?;
+    }
+    Ok(data.len() as u64 * 4)
+}
+
+/// Marks `dir` as a cache folder (https://bford.info/cachedir/), once.
+fn tag(dir: &Path) {
+    let path = dir.join("CACHEDIR.TAG");
+    if !path.exists() {
+        let text = "Signature: 8a477f597d28d172789f06886806bc55\n\
+                    # voxflow volume cache: safe to delete (`voxflow cache clear`).\n";
+        let _ = std::fs::write(path, text);
+    }
+}
+
+/// Removes the entry for `key` (a corrupt one); a failure is only logged.
+pub fn remove(dir: &Path, key: &Key) {
+    let entry = entry_dir(dir, key);
+    if let Err(e) = std::fs::remove_dir_all(&entry)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(entry = %entry.display(), error = %e, "Cannot remove a cache entry");
+    }
+}
+
+/// Empties the cache folder `dir`: every entry and leftover temporary folder. Only what has
+/// the cache's layout (two-hex-digit shards holding 64-hex or `.tmp-` folders) is removed,
+/// so a mistyped `--dir` cannot wipe unrelated files. Returns `(entries, bytes)` removed.
+///
+/// # Errors
+/// When a folder cannot be listed or removed.
+pub fn clear(dir: &Path) -> Result<(usize, u64), CacheError> {
+    let mut removed = (0, 0);
+    let shards = match std::fs::read_dir(dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for shard in shards {
+        let shard = shard.map_err(io(dir))?.path();
+        let name = shard.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(shard.is_dir() && name.len() == 2 && is_hex(name)) {
+            continue;
+        }
+        for entry in std::fs::read_dir(&shard).map_err(io(&shard))? {
+            let entry = entry.map_err(io(&shard))?.path();
+            let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if (name.len() == 64 && is_hex(name)) || name.starts_with(".tmp-") {
+                removed.1 += folder_size(&entry);
+                std::fs::remove_dir_all(&entry).map_err(io(&entry))?;
+                removed.0 += usize::from(!name.starts_with(".tmp-"));
+            }
+        }
+        // Still holding something that is not ours: leave it.
+        let _ = std::fs::remove_dir(&shard);
+    }
+    Ok(removed)
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn folder_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Key {
+        Key([n; 32])
+    }
+
+    fn scan() -> Scan {
+        let mut affine = Affine::identity();
+        affine[(0, 3)] = -12.5;
+        let image = Arc::new(Volume::new(
+            vec![0.25, -1.0, f32::MIN_POSITIVE, 3.5e9, 7.0, 8.0],
+            [3, 2, 1],
+            affine,
+        ));
+        let labels = Arc::new(image.with_data(vec![0.0, 2.0, 2.0, 41.0, 0.0, 17.0]));
+        let native = Arc::new(Scan {
+            image: image.clone(),
+            labels: Some(labels.clone()),
+            mask: None,
+            native: None,
+        });
+        Scan {
+            image: Arc::new(image.with_data(vec![1.0; 6])),
+            labels: Some(labels),
+            mask: None,
+            native: Some(native),
+        }
+    }
+
+    #[test]
+    fn a_scan_comes_back_whole_with_its_shared_volumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let original = scan();
+        let bytes = write(tmp.path(), &key(1), &original).unwrap();
+        assert!(
+            bytes >= 3 * 24,
+            "three distinct volumes of 24 bytes: {bytes}"
+        );
+        assert_eq!(
+            write(tmp.path(), &key(1), &original).unwrap(),
+            0,
+            "stored once"
+        );
+
+        let back = read(tmp.path(), &key(1)).unwrap().expect("a hit");
+        let native = back.native.as_ref().expect("native kept");
+        assert_eq!(back.image.data, original.image.data);
+        assert_eq!(
+            native.image.data,
+            original.native.as_ref().unwrap().image.data
+        );
+        assert_eq!(native.image.affine, original.image.affine);
+        assert_eq!(native.image.header.affine, original.image.header.affine);
+        assert!(Arc::ptr_eq(
+            back.labels.as_ref().unwrap(),
+            native.labels.as_ref().unwrap()
+        ));
+        assert!(back.mask.is_none());
+        assert!(read(tmp.path(), &key(2)).unwrap().is_none(), "a miss");
+        let left: Vec<_> = std::fs::read_dir(entry_dir(tmp.path(), &key(1)).parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "no temporary folder left");
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_entry_is_corrupt_and_removable() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(3), &scan()).unwrap();
+        let entry = entry_dir(tmp.path(), &key(3));
+        let file = std::fs::File::options()
+            .write(true)
+            .open(entry.join("1.f32"))
+            .unwrap();
+        file.set_len(10).unwrap();
+        let err = read(tmp.path(), &key(3)).unwrap_err();
+        assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("1.f32"), "{err}");
+
+        std::fs::write(entry.join(HEADER), b"{ not json").unwrap();
+        assert!(matches!(
+            read(tmp.path(), &key(3)),
+            Err(CacheError::Corrupt { .. })
+        ));
+        remove(tmp.path(), &key(3));
+        assert!(read(tmp.path(), &key(3)).unwrap().is_none());
+    }
+
+    #[test]
+    fn runs_storing_the_same_key_at_once_leave_one_whole_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let original = scan();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| write(tmp.path(), &key(6), &original).unwrap());
+            }
+        });
+        let back = read(tmp.path(), &key(6)).unwrap().expect("stored");
+        assert_eq!(back.image.data, original.image.data);
+        let shard = entry_dir(tmp.path(), &key(6));
+        let names: Vec<String> = std::fs::read_dir(shard.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [key(6).hex()], "no temporary folder left");
+    }
+
+    #[test]
+    fn clear_removes_entries_and_leaves_other_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(4), &scan()).unwrap();
+        write(tmp.path(), &key(5), &scan()).unwrap();
+        std::fs::create_dir_all(tmp.path().join("05/.tmp-x")).unwrap();
+        std::fs::write(tmp.path().join("notes.txt"), b"mine").unwrap();
+        let (entries, bytes) = clear(tmp.path()).unwrap();
+        assert_eq!(entries, 2);
+        assert!(bytes > 0);
+        assert!(tmp.path().join("notes.txt").exists());
+        assert!(!tmp.path().join("04").exists());
+        assert_eq!(clear(&tmp.path().join("none")).unwrap(), (0, 0));
+    }
+}
