@@ -1,4 +1,4 @@
-//! Diagnostics for skull stripping (not part of the product): strips the shared heads with
+//! A diagnostic for tuning skull stripping (not used by the pipelines): strips the shared heads with
 //! `auto` and/or `atlas` (settings from the TOML in `AUTO` / `ATLAS` env vars) and writes
 //! head, reference and masks as uncompressed NIfTI under the directory given as argument 1.
 //! Argument 2 picks the method(s): `auto`, `atlas` or `both`; argument 3 the heads (comma list).
