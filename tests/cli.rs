@@ -657,15 +657,15 @@ fn skullstrip_eval_strips_each_head_with_the_other_heads() {
             "colin27",
             "colin27/ch2.nii.gz",
             "colin27/ch2bet.nii.gz",
-            0.87,
+            0.90,
         ),
         (
             "mni152",
             "mni152/MNI152_T1.nii.gz",
             "mni152/MNI152_mask.nii.gz",
-            0.94,
+            0.955,
         ),
-        ("fsaverage", "fsaverage/T1.mgz", "fsaverage/brain.mgz", 0.84),
+        ("fsaverage", "fsaverage/T1.mgz", "fsaverage/brain.mgz", 0.90),
     ] {
         let written = read_volume(&out.join(subject).join("mask.nii.gz"))
             .unwrap_or_else(|e| panic!("{subject}: {e}"));

@@ -52,29 +52,29 @@ fn strip_dice(head: &str, mask: &str) -> Option<f64> {
     Some(d)
 }
 
-// Measured with the defaults: colin27 0.897, MNI152 0.967, fsaverage 0.890; refinement from
-// the reference moved by -3 / +3 mm: colin27 0.923 / 0.901, MNI152 0.966 / 0.967. The references
-// follow different conventions for the CSF around the brain (see the skullstrip module
-// documentation), which is why colin27 and fsaverage sit below MNI152.
+// Measured with the defaults: colin27 0.911, MNI152 0.967, fsaverage 0.914; refinement from
+// the reference moved by -3 / +3 mm: colin27 0.949 / 0.922, MNI152 0.970 / 0.975. The references follow different
+// conventions for the CSF around the brain (see the skullstrip module documentation), which
+// is why colin27 and fsaverage sit below MNI152.
 
 #[test]
 fn auto_strips_colin27() {
     if let Some(d) = strip_dice("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz") {
-        assert!(d >= 0.88, "dice {d}");
+        assert!(d >= 0.90, "dice {d}");
     }
 }
 
 #[test]
 fn auto_strips_mni152() {
     if let Some(d) = strip_dice("mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz") {
-        assert!(d >= 0.95, "dice {d}");
+        assert!(d >= 0.955, "dice {d}");
     }
 }
 
 #[test]
 fn auto_strips_fsaverage() {
     if let Some(d) = strip_dice("fsaverage/T1.mgz", "fsaverage/brain.mgz") {
-        assert!(d >= 0.87, "dice {d}");
+        assert!(d >= 0.90, "dice {d}");
     }
 }
 
@@ -96,7 +96,7 @@ fn refine_recovery(head: &str, mask: &str, shift_mm: f64) -> Option<f64> {
 fn refine_recovers_colin27_from_a_shifted_mask() {
     for shift in [-3.0, 3.0] {
         if let Some(d) = refine_recovery("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz", shift) {
-            assert!(d >= 0.88, "{shift}: dice {d}");
+            assert!(d >= 0.91, "{shift}: dice {d}");
         }
     }
 }
@@ -106,7 +106,7 @@ fn refine_recovers_mni152_from_a_shifted_mask() {
     for shift in [-3.0, 3.0] {
         let (head, mask) = ("mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz");
         if let Some(d) = refine_recovery(head, mask, shift) {
-            assert!(d >= 0.94, "{shift}: dice {d}");
+            assert!(d >= 0.96, "{shift}: dice {d}");
         }
     }
 }

@@ -64,7 +64,10 @@ pub struct RefineParams {
     /// How far (mm) the boundary may move from the initial mask's, in or out. Default 6.
     pub search_mm: f64,
     /// Where tissue starts, as a fraction of the way from the background level to the brain's
-    /// median intensity. Default 0.45.
+    /// median intensity. Default 0.15: low, so that cortex in partial volume with CSF (and
+    /// the blurred cortex of an averaged template) counts as tissue; the background level is
+    /// Otsu's over the whole image, about half the brain's median, so this is still well
+    /// above CSF. 0.45 lost the base of the fsaverage cerebellum and temporal lobes.
     pub tissue_fraction: f64,
     /// How far (mm, along 6-connected paths through tissue) the brain may extend from white
     /// matter: cortex, sulci and cerebellar folia, but not the orbits or neck beyond.
@@ -79,7 +82,7 @@ pub struct RefineParams {
     /// brain. Default 6.
     pub csf_margin_mm: f64,
     /// Which fraction of that dark layer's local thickness is taken in, from the brain side:
-    /// 0 stops at the brain surface, 1 reaches the scalp or diploë. Default 0.55.
+    /// 0 stops at the brain surface, 1 reaches the scalp or diploë. Default 0.45.
     pub csf_fraction: f64,
     /// Thickness (mm) of the outer layer of the head (skin, scalp and most of the skull)
     /// that is never brain. Default 7.
@@ -90,12 +93,12 @@ impl Default for RefineParams {
     fn default() -> RefineParams {
         RefineParams {
             search_mm: 6.0,
-            tissue_fraction: 0.45,
+            tissue_fraction: 0.15,
             grow_mm: 14.0,
             opening_mm: 1.5,
             closing_mm: 6.0,
             csf_margin_mm: 6.0,
-            csf_fraction: 0.55,
+            csf_fraction: 0.45,
             scalp_mm: 7.0,
         }
     }

@@ -3,8 +3,8 @@
 //! Registering a skull-stripped atlas to a head with skull pulls the atlas brain onto the
 //! scalp; stripping the subject first avoids that. The mask comes from one of three methods:
 //! the scan's own mask (a dataset column, or a `mask` file); the atlas method, with the brain
-//! masks of other heads carried onto the subject by registration, fused by voting and snapped
-//! to its boundary ([`crate::skullstrip::atlas`]); or the classical `auto` extraction
+//! masks of other heads carried onto the subject by registration, fused by voting, with the
+//! subject's own boundary kept near them ([`crate::skullstrip::atlas`]); or the classical `auto` extraction
 //! ([`crate::skullstrip::auto`]). The output scan carries the mask it used, so later stages
 //! (`normalize` with `within_mask`) see it.
 //!
@@ -61,7 +61,7 @@ use crate::volume::Volume;
 ///
 /// [nodes.stripped.atlas]              # optional: crate::skullstrip::AtlasParams
 /// register.resolution_mm = 2.0
-/// boundary.csf_fraction = 0.55
+/// boundary.csf_fraction = 0.45
 /// ```
 ///
 /// With one atlas's brain and a registration made elsewhere
@@ -453,9 +453,10 @@ mod tests {
         assert_eq!(config.atlases.len(), 2);
         assert_eq!(config.atlas.register.resolution_mm, 3.0);
         assert_eq!(config.atlas.boundary.csf_fraction, 0.4);
+        assert_eq!(config.atlas.reach_mm, 10.0, "other atlas defaults kept");
         assert_eq!(
-            config.atlas.boundary.search_mm, 12.0,
-            "other atlas defaults kept"
+            config.atlas.boundary.search_mm, 6.0,
+            "other boundary defaults kept"
         );
         assert_eq!(config.atlas.register.deformable.levels, [4, 2]);
         let typo = list.replace("csf_fraction", "csf_fractoin");
