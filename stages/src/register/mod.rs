@@ -453,16 +453,9 @@ pub fn register(
     fixed: &Scan,
     config: &RegisterConfig,
 ) -> Result<Transform, StageError> {
-    let problems = config.problems();
-    if !problems.is_empty() {
-        return Err(StageError::Input(problems.join("; ")));
-    }
-    let device = config.device.resolve()?;
-    let model = match &config.model {
-        Some(path) => Some(Model::load(path, device)?),
-        None => None,
-    };
-    tch::no_grad(|| run(moving, fixed, config, model.as_deref(), device))
+    register_batch(moving, &[fixed], config)
+        .pop()
+        .expect("one result per fixed scan")
 }
 
 /// Registers `moving` (the atlas) to each of `fixed` in one batch (see the stage's `batch`
