@@ -267,12 +267,9 @@ impl PipelineFile {
             .into_keys()
             .map(|k| (k.get_ref().clone(), k.span().start))
             .collect();
-        let settings = settings(path, wire.pipeline.as_ref(), &vars, &mut |o, key, m| {
-            errors.push(err(
-                key.and_then(|k| key_offsets.get(k).copied()).or(o),
-                None,
-                m,
-            ))
+        let pipeline = (wire.pipeline.as_ref(), &key_offsets);
+        let settings = settings(path, pipeline, &vars, &mut |o, m| {
+            errors.push(err(o, None, m))
         });
 
         if wire.nodes.is_empty() {
@@ -362,33 +359,38 @@ fn wire_vars(
     vars
 }
 
+/// `[pipeline]` as a value, and the offset of each of its keys (for errors on their line).
+type PipelineWire<'a> = (
+    Option<&'a Spanned<toml::Value>>,
+    &'a BTreeMap<String, usize>,
+);
+
 fn settings(
     path: &Path,
-    wire: Option<&Spanned<toml::Value>>,
+    (wire, key_offsets): PipelineWire,
     vars: &BTreeMap<String, String>,
-    report: &mut dyn FnMut(Option<usize>, Option<&str>, String),
+    report: &mut dyn FnMut(Option<usize>, String),
 ) -> Settings {
+    // Where a bad value is reported: its key's line, else the table's.
+    let at = |key: &str| {
+        key_offsets
+            .get(key)
+            .copied()
+            .or(wire.map(|w| w.span().start))
+    };
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     let mut parsed = SettingsWire::default();
     if let Some(wire) = wire {
         let offset = wire.span().start;
         match SettingsWire::deserialize(wire.get_ref().clone()) {
             Ok(s) => parsed = s,
-            Err(e) => report(
-                Some(offset),
-                None,
-                format!("[pipeline]: {}", e.message().trim()),
-            ),
+            Err(e) => report(Some(offset), format!("[pipeline]: {}", e.message().trim())),
         }
     }
     let mut expand_or_report = |s: &str| match expand(s, vars) {
         Ok(s) => s,
         Err(m) => {
-            report(
-                wire.map(|w| w.span().start),
-                None,
-                format!("[pipeline]: {m}"),
-            );
+            report(wire.map(|w| w.span().start), format!("[pipeline]: {m}"));
             s.to_string()
         }
     };
@@ -404,15 +406,13 @@ fn settings(
         .is_some_and(|c| !(1..=MAX_ENGINE_COUNT).contains(&c))
     {
         report(
-            wire.map(|w| w.span().start),
-            Some("channel_capacity"),
+            at("channel_capacity"),
             format!("[pipeline]: channel_capacity must be between 1 and {MAX_ENGINE_COUNT}"),
         );
     }
     if cache.is_none() {
         report(
-            wire.map(|w| w.span().start),
-            Some("cache"),
+            at("cache"),
             "[pipeline]: `cache` must be a folder or a boolean".into(),
         );
     }
@@ -422,8 +422,7 @@ fn settings(
     };
     if cache_max_gb.is_none() {
         report(
-            wire.map(|w| w.span().start),
-            Some("cache_max_gb"),
+            at("cache_max_gb"),
             "[pipeline]: `cache_max_gb` must be a positive number of gigabytes (e.g. 20)".into(),
         );
     }
