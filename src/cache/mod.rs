@@ -114,7 +114,7 @@ impl Key {
 
     /// The key named by 64 hexadecimal digits (either case), as [`Key::hex`] writes it.
     pub fn from_hex(hex: &str) -> Option<Key> {
-        if hex.len() != 64 || !hex.is_ascii() {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut bytes = [0; 32];
@@ -284,6 +284,8 @@ impl Cache {
         }
         debug!(dir = %dir.display(), "Volume cache folder (`voxflow cache clear` empties it)");
     }
+
+    /// Remembers that this run read or stored `key`.
     fn mark_used(&self, key: Key) {
         self.used
             .lock()
@@ -521,5 +523,6 @@ mod tests {
         assert_eq!(Key::from_hex(&a.hex()), Some(a));
         assert_eq!(Key::from_hex(&a.hex().to_uppercase()), Some(a));
         assert_eq!(Key::from_hex("xy"), None);
+        assert_eq!(Key::from_hex(&format!("+{}", &a.hex()[1..])), None);
     }
 }
