@@ -72,6 +72,14 @@ fn log_filter(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// A positive, finite number of gigabytes.
+fn positive_gb(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
+        _ => Err(format!("{text:?} is not a positive number of gigabytes")),
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate a pipeline file, then run it over its dataset.
@@ -91,6 +99,10 @@ enum Command {
         /// Neither read nor write the volume cache (every node computes its value).
         #[arg(long)]
         no_cache: bool,
+        /// Size cap of the volume cache in GB, replacing the file's `cache_max_gb` (default
+        /// 20): least recently used entries are evicted at the end of the run.
+        #[arg(long, value_name = "GB", value_parser = positive_gb)]
+        cache_max_gb: Option<f64>,
     },
     /// Manage the volume cache of preprocessed scans.
     Cache {
@@ -210,6 +222,7 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             output,
             threads,
             no_cache,
+            cache_max_gb,
             ..
         } => {
             let pipeline = match voxflow::load_pipeline(&file) {
@@ -224,6 +237,7 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
                     output,
                     bars,
                     no_cache,
+                    cache_max_gb,
                 },
             ))?;
             print_outcome(&outcome);

@@ -859,3 +859,80 @@ fn a_damaged_cache_entry_is_recomputed_and_no_cache_writes_nothing() {
     let left: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
     assert_eq!(left.len(), 1, "only CACHEDIR.TAG stays: {left:?}");
 }
+
+/// The cache entries (64-hex folders in two-hex shards) under `cache`.
+fn cache_entries(cache: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for shard in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().len() == 64 {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// `--cache-max-gb` replaces the file's cap; a cap smaller than what one run uses lets the
+/// run succeed (reading its hits first), warns, and leaves no entry and no temporary folder,
+/// but keeps files that are not the cache's.
+#[test]
+fn a_cache_over_its_cap_is_evicted_at_the_end_of_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let pipeline = cached_oneshot(tmp.path(), &cache);
+    let capped = std::fs::read_to_string(&pipeline).unwrap().replacen(
+        "[pipeline]\n",
+        "[pipeline]\ncache_max_gb = 0.000001\n",
+        1,
+    );
+    std::fs::write(&pipeline, capped).unwrap();
+
+    let roomy = run_into(&pipeline, "out1", &["--cache-max-gb", "10"], tmp.path());
+    assert!(!roomy.contains("evicted"), "{roomy}");
+    assert_eq!(cache_entries(&cache).len(), PREPROCESSING.len());
+    std::fs::write(cache.join("notes.txt"), b"mine").unwrap();
+
+    let tight = run_into(&pipeline, "out2", &[], tmp.path());
+    for node in PREPROCESSING {
+        assert_eq!(
+            cache_counts(&tight, node),
+            (1, 0),
+            "{node} read before eviction"
+        );
+    }
+    assert!(tight.contains("cap is smaller"), "{tight}");
+    assert!(
+        tight.contains("evicted least recently used entries") && tight.contains("entries=5"),
+        "{tight}"
+    );
+    assert_eq!(cache_entries(&cache), Vec::<PathBuf>::new());
+    for shard in std::fs::read_dir(&cache).unwrap().flatten() {
+        let inside: Vec<_> = std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "left in {}: {inside:?}",
+            shard.path().display()
+        );
+    }
+    assert!(cache.join("notes.txt").exists() && cache.join("CACHEDIR.TAG").exists());
+
+    let bad = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--cache-max-gb", "0"],
+        tmp.path(),
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("positive number of gigabytes"),
+        "{}",
+        text(&bad)
+    );
+}

@@ -20,10 +20,22 @@
 //! after an opted-out one can still be cached. A node with an input that has no key (a
 //! registration, a segmentation) has no key either and always runs.
 //!
+//! The folder has a size cap (`[pipeline] cache_max_gb`, default [`DEFAULT_MAX_GB`] GB,
+//! `voxflow run --cache-max-gb N`): at the end of each run, whole entries are evicted, least
+//! recently used first, until the entries take at most the cap. The bundled job stores about
+//! 190 MB per subject, so without a cap a nightly run over hundreds of subjects would fill
+//! the disk unseen; with it, a dataset larger than the cap simply recomputes what was evicted.
+//! "Used" means written or read by a run (see [`store`] for how it is recorded and how a
+//! removal stays safe for a run reading at the same time). A run whose own entries exceed
+//! the cap says so: the next run will recompute part of them.
+//!
 //! Known shortcomings, in plain words:
-//! - no size limit and no eviction: entries stay until `voxflow cache clear` (or `rm -r`) —
-//!   about 165 MB per subject for the bundled job (the subject's scan, its reoriented and
-//!   normalized copies, each with labels, as `f32`);
+//! - the cap is enforced at the end of a run, so during a run the folder grows by what the
+//!   run stores (a run that dies before its end evicts nothing; the next one does); sizes are
+//!   file lengths, not disk blocks; `.tmp-*` folders left by killed runs are neither counted
+//!   nor removed (`voxflow cache clear` removes them);
+//! - two runs sharing a folder each evict by what they see at their end, so one may evict an
+//!   entry the other was about to read (it then recomputes it);
 //! - a change in a stage's code that changes its output without a voxflow version bump is not
 //!   seen by the key: bump [`FORMAT_VERSION`] with such a change, or clear the cache;
 //! - a file rewritten within the same nanosecond with the same size keeps its key;
@@ -35,9 +47,10 @@
 
 pub mod store;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
@@ -51,6 +64,10 @@ pub use store::{CacheError, clear};
 /// Version of the key recipe and of the entry layout. Bump it when either changes, or when a
 /// cacheable stage's output changes for the same input: old entries then simply miss.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Size cap of the cache folder, in GB (10^9 bytes), unless the pipeline or the command
+/// line says otherwise: about a hundred subjects of the bundled job.
+pub const DEFAULT_MAX_GB: f64 = 20.0;
 
 /// Node types whose values are cached: deterministic, and producing a scan.
 pub const CACHEABLE: &[&str] = &["load", "conform", "normalize", "skull_strip"];
@@ -94,6 +111,18 @@ impl Key {
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// The key named by 64 hexadecimal digits (either case), as [`Key::hex`] writes it.
+    pub fn from_hex(hex: &str) -> Option<Key> {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut bytes = [0; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Key(bytes))
+    }
 }
 
 /// What the cache knows of one node, fixed for the run.
@@ -120,12 +149,17 @@ pub struct Cache {
     dir: Option<PathBuf>,
     nodes: Vec<NodePlan>,
     stats: Vec<NodeStats>,
+    /// Most bytes the entries may take after the run ([`Cache::evict`]).
+    max_bytes: u64,
+    /// Entries this run read or stored, to tell when the cap is smaller than one run needs.
+    used: Mutex<HashSet<Key>>,
 }
 
 impl Cache {
     /// The cache for `pipeline`; `off` (the `--no-cache` flag) disables it whatever the file
-    /// says. Nothing is created on disk until the first entry is stored.
-    pub fn new(pipeline: &Pipeline, off: bool) -> Cache {
+    /// says, and `max_gb` (`--cache-max-gb`) replaces the file's size cap. Nothing is created
+    /// on disk until the first entry is stored.
+    pub fn new(pipeline: &Pipeline, off: bool, max_gb: Option<f64>) -> Cache {
         let dir = match (&pipeline.settings.cache, off) {
             (_, true) | (CacheSetting::Off, _) => None,
             (CacheSetting::Dir(dir), false) => Some(dir.clone()),
@@ -156,7 +190,14 @@ impl Cache {
         if let Some(dir) = &dir {
             debug!(dir = %dir.display(), "Volume cache");
         }
-        Cache { dir, nodes, stats }
+        let max_gb = max_gb.unwrap_or(pipeline.settings.cache_max_gb);
+        Cache {
+            dir,
+            nodes,
+            stats,
+            max_bytes: gb_to_bytes(max_gb),
+            used: Mutex::default(),
+        }
     }
 
     /// The key of an input: its stored key, or for a dataset entry the fingerprint of its
@@ -201,6 +242,7 @@ impl Cache {
         match store::read(dir, &key) {
             Ok(Some(scan)) => {
                 stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.mark_used(key);
                 debug!(node = %self.nodes[node].name, key = %key.hex(), "Cache hit");
                 return Ok(Value::Scan(Arc::new(scan)));
             }
@@ -217,6 +259,7 @@ impl Cache {
             match store::write(dir, &key, scan) {
                 Ok(bytes) => {
                     stats.stored_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    self.mark_used(key);
                 }
                 Err(e) => warn!(node = %self.nodes[node].name, error = %e,
                     "Cannot store in the volume cache; the run goes on without it"),
@@ -241,6 +284,66 @@ impl Cache {
         }
         debug!(dir = %dir.display(), "Volume cache folder (`voxflow cache clear` empties it)");
     }
+
+    /// Remembers that this run read or stored `key`.
+    fn mark_used(&self, key: Key) {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+    }
+
+    /// Brings the cache folder under its size cap: evicts whole entries, least recently used
+    /// first (this run's own entries were all used during it, so they go last), and logs what
+    /// went. Warns when this run's own entries alone exceed the cap. Problems are logged; the
+    /// run never fails for them. Blocks on the file system: call it off the async threads.
+    pub fn evict(&self) {
+        let Some(dir) = &self.dir else { return };
+        let listed = match store::entries(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "Cannot list the volume cache; nothing evicted");
+                return;
+            }
+        };
+        let own: u64 = {
+            let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+            listed
+                .iter()
+                .filter(|e| used.contains(&e.key))
+                .map(|e| e.bytes)
+                .sum()
+        };
+        let cap_gb = self.max_bytes as f64 / 1e9;
+        if own > self.max_bytes {
+            warn!(
+                cap_gb,
+                run_gb = own as f64 / 1e9,
+                "The volume cache cap is smaller than what this run alone stores or reads: \
+                 the next run recomputes what is evicted now; raise `cache_max_gb`"
+            );
+        }
+        let done = store::evict(listed, self.max_bytes);
+        if done.entries > 0 {
+            info!(
+                entries = done.entries,
+                evicted_mb = done.bytes / 1_000_000,
+                left_mb = done.left / 1_000_000,
+                cap_gb,
+                "Volume cache evicted least recently used entries"
+            );
+        } else {
+            debug!(
+                left_mb = done.left / 1_000_000,
+                cap_gb, "Volume cache under its cap"
+            );
+        }
+    }
+}
+
+/// `gb` × 10^9 bytes, saturating (the settings only accept positive finite numbers).
+fn gb_to_bytes(gb: f64) -> u64 {
+    (gb * 1e9) as u64
 }
 
 /// Length-prefixed bytes, so two fields can never run together into the same hash input.
@@ -366,6 +469,8 @@ mod tests {
                 enabled: true,
             }],
             stats: vec![NodeStats::default()],
+            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
+            used: Mutex::default(),
         };
         assert!(cache.key(0, "s1", &[Some(k)]).is_some());
         assert_ne!(
@@ -374,5 +479,50 @@ mod tests {
         );
         assert_eq!(cache.key(0, "s1", &[Some(k), None]), None);
         assert_eq!(k.hex().len(), 64);
+    }
+
+    #[test]
+    fn a_run_evicts_down_to_its_cap_after_reading_and_storing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cache = Cache {
+            dir: Some(tmp.path().to_path_buf()),
+            nodes: vec![NodePlan {
+                name: "n".into(),
+                digest: None,
+                enabled: true,
+            }],
+            stats: vec![NodeStats::default()],
+            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
+            used: Mutex::default(),
+        };
+        let scan = || {
+            let v = voxflow_stages::volume::Volume::new(
+                vec![2.0; 1000],
+                [10, 10, 10],
+                voxflow_stages::volume::Affine::identity(),
+            );
+            Ok(Value::Scan(Arc::new(voxflow_stages::stage::Scan {
+                image: Arc::new(v),
+                labels: None,
+                mask: None,
+                native: None,
+            })))
+        };
+        let (a, b) = (Key::from_bytes(b"a"), Key::from_bytes(b"b"));
+        for k in [a, b, a] {
+            cache.get_or_compute(0, Some(k), scan).unwrap();
+        }
+        assert_eq!(cache.stats[0].hits.load(Ordering::Relaxed), 1);
+        assert_eq!(*cache.used.lock().unwrap(), HashSet::from([a, b]));
+        cache.evict();
+        assert_eq!(store::entries(tmp.path()).unwrap().len(), 2, "under 20 GB");
+        cache.max_bytes = 1;
+        cache.evict();
+        assert!(store::entries(tmp.path()).unwrap().is_empty());
+        assert!(tmp.path().join("CACHEDIR.TAG").exists());
+        assert_eq!(Key::from_hex(&a.hex()), Some(a));
+        assert_eq!(Key::from_hex(&a.hex().to_uppercase()), Some(a));
+        assert_eq!(Key::from_hex("xy"), None);
+        assert_eq!(Key::from_hex(&format!("+{}", &a.hex()[1..])), None);
     }
 }

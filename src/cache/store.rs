@@ -17,6 +17,12 @@
 //! its own). An entry whose header does not parse or whose files have the wrong size is an
 //! error for the caller to log, remove and recompute.
 //!
+//! An entry's last use is its header's modification time: writing it sets it, and every
+//! read that returns the entry sets it to now. [`evict`] removes the least recently used
+//! entries first, each renamed to a `.tmp-` name and then deleted, so a run that looks it up
+//! meanwhile misses (and recomputes) rather than reading half an entry; a run already
+//! reading its files keeps them, as unlinked files stay readable while open.
+//!
 //! Limitation: [`Volume`] owns a `Vec<f32>`, so the mapped pages are copied into it; serving
 //! volumes straight from the map would need a different storage type in every stage. Files
 //! are not `fsync`ed: a power cut right after a run may leave an entry with short files,
@@ -26,6 +32,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -132,14 +139,36 @@ pub fn read(dir: &Path, key: &Key) -> Result<Option<Scan>, CacheError> {
     if header.format != FORMAT_VERSION {
         return Err(corrupt(format!("format {}", header.format)));
     }
-    let volumes = header
+    let volumes = match header
         .volumes
         .iter()
         .enumerate()
         .map(|(i, meta)| read_volume(&entry, i, meta).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(v) => v,
+        // Evicted or cleared by another run between the header and a volume: a miss.
+        Err(CacheError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && !header_path.exists() =>
+        {
+            tracing::debug!(entry = %entry.display(), "Cache entry removed while read");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let scan = assemble(&header.scan, &volumes).ok_or_else(|| corrupt("bad index".into()))?;
+    mark_used(&header_path);
     Ok(Some(scan))
+}
+
+/// Records that the entry whose header is `header` was just used: eviction removes the
+/// entries with the oldest header modification time first. A failure (a read-only cache
+/// shared by another user) only costs the entry its place in that order.
+fn mark_used(header: &Path) {
+    let now = std::time::SystemTime::now();
+    if let Err(e) = std::fs::File::open(header).and_then(|f| f.set_modified(now)) {
+        tracing::debug!(file = %header.display(), error = %e, "Cannot mark a cache entry used");
+    }
 }
 
 fn assemble(meta: &ScanMeta, volumes: &[Arc<Volume>]) -> Option<Scan> {
@@ -246,6 +275,7 @@ fn from_rows(a: &[f64; 16]) -> Affine {
 pub fn write(dir: &Path, key: &Key, scan: &Scan) -> Result<u64, CacheError> {
     let target = entry_dir(dir, key);
     if target.join(HEADER).exists() {
+        mark_used(&target.join(HEADER));
         return Ok(0);
     }
     let shard = target.parent().expect("entry folders sit in a shard");
@@ -376,25 +406,11 @@ pub fn remove(dir: &Path, key: &Key) {
 /// When a folder cannot be listed or removed.
 pub fn clear(dir: &Path) -> Result<(usize, u64), CacheError> {
     let mut removed = (0, 0);
-    let shards = match std::fs::read_dir(dir) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    for shard in shards {
-        let shard = shard.map_err(io(dir))?.path();
-        let name = shard.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(shard.is_dir() && name.len() == 2 && is_hex(name)) {
-            continue;
-        }
-        for entry in std::fs::read_dir(&shard).map_err(io(&shard))? {
-            let entry = entry.map_err(io(&shard))?.path();
-            let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if (name.len() == 64 && is_hex(name)) || name.starts_with(".tmp-") {
-                removed.1 += folder_size(&entry);
-                std::fs::remove_dir_all(&entry).map_err(io(&entry))?;
-                removed.0 += usize::from(!name.starts_with(".tmp-"));
-            }
+    for shard in shards(dir)? {
+        for (folder, is_entry) in shard_folders(&shard)? {
+            removed.1 += folder_size(&folder);
+            std::fs::remove_dir_all(&folder).map_err(io(&folder))?;
+            removed.0 += usize::from(is_entry);
         }
         // Still holding something that is not ours: leave it.
         let _ = std::fs::remove_dir(&shard);
@@ -402,10 +418,145 @@ pub fn clear(dir: &Path) -> Result<(usize, u64), CacheError> {
     Ok(removed)
 }
 
+/// The shard folders of `dir` (two hex digits); none when `dir` does not exist.
+fn shards(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut shards = Vec::new();
+    for shard in listing {
+        let shard = shard.map_err(io(dir))?.path();
+        let name = shard.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if shard.is_dir() && name.len() == 2 && is_hex(name) {
+            shards.push(shard);
+        }
+    }
+    Ok(shards)
+}
+
+/// The folders of a shard that the cache made: `(path, true)` for an entry (64 hex digits),
+/// `(path, false)` for a temporary one (`.tmp-*`, being written or removed). Anything else
+/// is not listed.
+fn shard_folders(shard: &Path) -> Result<Vec<(PathBuf, bool)>, CacheError> {
+    let mut folders = Vec::new();
+    for entry in std::fs::read_dir(shard).map_err(io(shard))? {
+        let path = entry.map_err(io(shard))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.len() == 64 && is_hex(name) {
+            folders.push((path, true));
+        } else if name.starts_with(".tmp-") {
+            folders.push((path, false));
+        }
+    }
+    Ok(folders)
+}
+
+/// One entry as eviction sees it.
+#[derive(Clone, Debug)]
+pub struct EntryInfo {
+    /// Its key (the folder's name).
+    pub key: Key,
+    /// Its folder.
+    pub path: PathBuf,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// When it was last written or read: its header's modification time (the epoch for an
+    /// entry without a header, which no read can use).
+    pub used: SystemTime,
+}
+
+/// Every entry in `dir`, temporary folders excluded (they may be another run's write).
+///
+/// # Errors
+/// When a folder cannot be listed.
+pub fn entries(dir: &Path) -> Result<Vec<EntryInfo>, CacheError> {
+    let mut found = Vec::new();
+    for shard in shards(dir)? {
+        for (path, is_entry) in shard_folders(&shard)? {
+            let key = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(Key::from_hex);
+            let (true, Some(key)) = (is_entry, key) else {
+                continue;
+            };
+            let used = std::fs::metadata(path.join(HEADER))
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            found.push(EntryInfo {
+                key,
+                bytes: folder_size(&path),
+                path,
+                used,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// What [`evict`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Entries removed.
+    pub entries: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bytes of the entries left.
+    pub left: u64,
+}
+
+/// Removes whole entries of `listed` (from [`entries`]), least recently used first, until
+/// the rest take at most `max_bytes`. An entry that cannot be removed is logged and skipped;
+/// one that another run removed first is not counted.
+pub fn evict(mut listed: Vec<EntryInfo>, max_bytes: u64) -> Evicted {
+    listed.sort_by(|a, b| a.used.cmp(&b.used).then_with(|| a.path.cmp(&b.path)));
+    let mut done = Evicted {
+        left: listed.iter().map(|e| e.bytes).sum(),
+        ..Evicted::default()
+    };
+    for entry in &listed {
+        if done.left <= max_bytes {
+            break;
+        }
+        match remove_entry(entry) {
+            Ok(true) => {
+                done.entries += 1;
+                done.bytes += entry.bytes;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot evict a cache entry; it stays");
+                continue;
+            }
+        }
+        done.left -= entry.bytes;
+    }
+    done
+}
+
+/// Removes one entry: renamed to a temporary name first, so a run looking it up from then on
+/// misses instead of finding half its files, then deleted (a run already reading its files
+/// keeps them until it closes them). `Ok(false)` when it was already gone.
+fn remove_entry(entry: &EntryInfo) -> Result<bool, CacheError> {
+    let shard = entry.path.parent().expect("entry folders sit in a shard");
+    let doomed = shard.join(temporary_name(&entry.key));
+    match std::fs::rename(&entry.path, &doomed) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&entry.path)(e)),
+    }
+    // Left behind on failure under a `.tmp-` name, which `clear` removes.
+    std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
+    Ok(true)
+}
+
 fn is_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Bytes of the files directly in `path` (an entry has no subfolders).
 fn folder_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .into_iter()
@@ -541,5 +692,127 @@ mod tests {
         assert!(tmp.path().join("notes.txt").exists());
         assert!(!tmp.path().join("04").exists());
         assert_eq!(clear(&tmp.path().join("none")).unwrap(), (0, 0));
+    }
+
+    /// An entry of `n` voxels (one volume), last used `age` seconds ago; returns its bytes.
+    fn aged_entry(dir: &Path, k: &Key, n: usize, age: u64) -> u64 {
+        let image = Arc::new(Volume::new(vec![1.0; n], [n, 1, 1], Affine::identity()));
+        let scan = Scan {
+            image,
+            labels: None,
+            mask: None,
+            native: None,
+        };
+        let bytes = write(dir, k, &scan).unwrap();
+        let used = SystemTime::now() - std::time::Duration::from_secs(age);
+        std::fs::File::open(entry_dir(dir, k).join(HEADER))
+            .unwrap()
+            .set_modified(used)
+            .unwrap();
+        bytes
+    }
+
+    fn total(dir: &Path) -> u64 {
+        entries(dir).unwrap().iter().map(|e| e.bytes).sum()
+    }
+
+    #[test]
+    fn eviction_removes_the_least_recently_used_entries_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        // Oldest first; sizes differ so the counts below can only come from the right ones.
+        let sizes: Vec<u64> = [(1000, 400), (3000, 300), (2000, 200), (500, 100)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, age))| aged_entry(dir, &key(10 + i as u8), n, age))
+            .collect();
+        let listed = entries(dir).unwrap();
+        assert_eq!(listed.len(), 4);
+        assert_eq!(
+            listed.iter().map(|e| e.bytes).sum::<u64>(),
+            sizes.iter().sum::<u64>()
+        );
+        // Not entries: a file at the top, a stranger's folder in a shard, a file that looks
+        // like a shard, an in-progress write.
+        std::fs::write(dir.join("notes.txt"), vec![7; 50_000]).unwrap();
+        std::fs::create_dir_all(dir.join("0a/mine")).unwrap();
+        std::fs::write(dir.join("0a/mine/big"), vec![7; 50_000]).unwrap();
+        std::fs::write(dir.join("ff"), b"x").unwrap();
+        std::fs::create_dir_all(dir.join("0a/.tmp-writing")).unwrap();
+
+        // Room for the two newest but not for the second oldest as well.
+        let cap = sizes[2] + sizes[3] + sizes[1] - 1;
+        let done = evict(entries(dir).unwrap(), cap);
+        assert_eq!(done.entries, 2);
+        assert_eq!(done.bytes, sizes[0] + sizes[1]);
+        assert_eq!(done.left, sizes[2] + sizes[3]);
+        assert!(total(dir) <= cap);
+        for (k, kept) in [(10, false), (11, false), (12, true), (13, true)] {
+            assert_eq!(entry_dir(dir, &key(k)).exists(), kept, "key {k}");
+        }
+        assert!(read(dir, &key(12)).unwrap().is_some());
+        for other in ["notes.txt", "0a/mine/big", "ff", "0a/.tmp-writing"] {
+            assert!(dir.join(other).exists(), "{other} was removed");
+        }
+        // Key 10's shard is `0a`: only the stranger's folders are left in it.
+        let mut left: Vec<String> = std::fs::read_dir(dir.join("0a"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".tmp-writing", "mine"], "no evicted folder left");
+
+        assert_eq!(
+            evict(entries(dir).unwrap(), cap).entries,
+            0,
+            "already under"
+        );
+        let done = evict(entries(dir).unwrap(), 0);
+        assert_eq!((done.entries, done.left), (2, 0));
+        assert!(entries(dir).unwrap().is_empty());
+        assert!(dir.join("notes.txt").exists() && dir.join("0a/mine/big").exists());
+        assert_eq!(
+            evict(entries(&dir.join("none")).unwrap(), 0),
+            Evicted::default()
+        );
+    }
+
+    #[test]
+    fn a_read_marks_an_entry_used_so_it_outlives_older_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let oldest = aged_entry(dir, &key(20), 100, 300);
+        let middle = aged_entry(dir, &key(21), 100, 200);
+        let newest = aged_entry(dir, &key(22), 100, 100);
+        assert!(read(dir, &key(20)).unwrap().is_some(), "a hit");
+        let done = evict(entries(dir).unwrap(), oldest + newest);
+        assert_eq!((done.entries, done.bytes), (1, middle));
+        assert!(
+            entry_dir(dir, &key(20)).exists(),
+            "the entry just read stays"
+        );
+        assert!(!entry_dir(dir, &key(21)).exists());
+
+        // Storing a key that is already there counts as a use too.
+        aged_entry(dir, &key(22), 100, 1000);
+        assert_eq!(write(dir, &key(22), &scan()).unwrap(), 0);
+        evict(entries(dir).unwrap(), newest);
+        assert!(entry_dir(dir, &key(22)).exists() && !entry_dir(dir, &key(20)).exists());
+    }
+
+    #[test]
+    fn an_entry_renamed_away_is_a_miss_and_its_leftover_is_cleared() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(30), &scan()).unwrap();
+        let entry = entry_dir(tmp.path(), &key(30));
+        std::fs::rename(&entry, entry.with_file_name(".tmp-gone")).unwrap();
+        assert!(read(tmp.path(), &key(30)).unwrap().is_none());
+        assert_eq!(
+            clear(tmp.path()).unwrap().0,
+            0,
+            "a `.tmp-` leftover is no entry"
+        );
+        assert!(!entry.parent().unwrap().exists(), "but clear removes it");
     }
 }

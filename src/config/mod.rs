@@ -84,6 +84,15 @@ struct SettingsWire {
     channel_capacity: Option<usize>,
     description: Option<String>,
     cache: Option<toml::Value>,
+    cache_max_gb: Option<toml::Value>,
+}
+
+/// Only the keys of `[pipeline]`, with their spans, to locate a bad setting on its own line
+/// (the settings themselves are read from a plain value, which keeps no spans).
+#[derive(Debug, Default, Deserialize)]
+struct PipelineKeys {
+    #[serde(default)]
+    pipeline: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
 }
 
 /// A `[nodes.NAME]` table as written, keys kept with their spans.
@@ -113,6 +122,9 @@ pub struct Settings {
     pub description: Option<String>,
     /// Where the volume cache lives (`cache = "DIR"`), or `cache = false` for none.
     pub cache: crate::cache::CacheSetting,
+    /// Size cap of the volume cache folder in GB (`cache_max_gb`, default
+    /// [`crate::cache::DEFAULT_MAX_GB`]); least recently used entries go first.
+    pub cache_max_gb: f64,
 }
 
 /// One `[nodes.NAME]` table, parsed but not yet built into a stage.
@@ -249,7 +261,14 @@ impl PipelineFile {
 
         let mut errors = Vec::new();
         let vars = wire_vars(&wire.vars, &mut |o, m| errors.push(err(Some(o), None, m)));
-        let settings = settings(path, wire.pipeline.as_ref(), &vars, &mut |o, m| {
+        let key_offsets: BTreeMap<String, usize> = toml::from_str::<PipelineKeys>(text)
+            .unwrap_or_default()
+            .pipeline
+            .into_keys()
+            .map(|k| (k.get_ref().clone(), k.span().start))
+            .collect();
+        let pipeline = (wire.pipeline.as_ref(), &key_offsets);
+        let settings = settings(path, pipeline, &vars, &mut |o, m| {
             errors.push(err(o, None, m))
         });
 
@@ -340,12 +359,25 @@ fn wire_vars(
     vars
 }
 
+/// `[pipeline]` as a value, and the offset of each of its keys (for errors on their line).
+type PipelineWire<'a> = (
+    Option<&'a Spanned<toml::Value>>,
+    &'a BTreeMap<String, usize>,
+);
+
 fn settings(
     path: &Path,
-    wire: Option<&Spanned<toml::Value>>,
+    (wire, key_offsets): PipelineWire,
     vars: &BTreeMap<String, String>,
     report: &mut dyn FnMut(Option<usize>, String),
 ) -> Settings {
+    // Where a bad value is reported: its key's line, else the table's.
+    let at = |key: &str| {
+        key_offsets
+            .get(key)
+            .copied()
+            .or(wire.map(|w| w.span().start))
+    };
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     let mut parsed = SettingsWire::default();
     if let Some(wire) = wire {
@@ -374,14 +406,24 @@ fn settings(
         .is_some_and(|c| !(1..=MAX_ENGINE_COUNT).contains(&c))
     {
         report(
-            wire.map(|w| w.span().start),
+            at("channel_capacity"),
             format!("[pipeline]: channel_capacity must be between 1 and {MAX_ENGINE_COUNT}"),
         );
     }
     if cache.is_none() {
         report(
-            wire.map(|w| w.span().start),
+            at("cache"),
             "[pipeline]: `cache` must be a folder or a boolean".into(),
+        );
+    }
+    let cache_max_gb = match parsed.cache_max_gb.as_ref() {
+        None => Some(crate::cache::DEFAULT_MAX_GB),
+        Some(value) => positive_gb(value),
+    };
+    if cache_max_gb.is_none() {
+        report(
+            at("cache_max_gb"),
+            "[pipeline]: `cache_max_gb` must be a positive number of gigabytes (e.g. 20)".into(),
         );
     }
     Settings {
@@ -393,7 +435,18 @@ fn settings(
             .max(1),
         description: parsed.description,
         cache: cache.unwrap_or_default(),
+        cache_max_gb: cache_max_gb.unwrap_or(crate::cache::DEFAULT_MAX_GB),
     }
+}
+
+/// A whole or decimal number above zero and finite (`nan` and `inf` are TOML floats).
+fn positive_gb(value: &toml::Value) -> Option<f64> {
+    let gb = match value {
+        toml::Value::Integer(n) => *n as f64,
+        toml::Value::Float(x) => *x,
+        _ => return None,
+    };
+    (gb.is_finite() && gb > 0.0).then_some(gb)
 }
 
 /// `[pipeline] cache`: absent or `true` for the per-user folder, `false` for none, or a
@@ -609,7 +662,10 @@ mod tests {
         let e = parse("[pipeline]\ncache = 3\n[nodes.a]\ntype = \"register\"\ncache = false\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`cache` must be a folder"), "{e}");
+        assert!(
+            e.contains("p.toml:2:") && e.contains("`cache` must be a folder"),
+            "{e}"
+        );
         assert!(e.contains("p.toml:5:") && e.contains("never cached"), "{e}");
         let e = parse(&format!("{node}cache = \"no\"\n"))
             .unwrap_err()
@@ -618,6 +674,25 @@ mod tests {
             e.contains("p.toml:3:") && e.contains("true or false"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cache_max_gb_is_a_positive_number() {
+        let node = "[nodes.a]\ntype = \"load\"\n";
+        let p = parse(node).unwrap();
+        assert_eq!(p.settings.cache_max_gb, crate::cache::DEFAULT_MAX_GB);
+        for (value, gb) in [("0.5", 0.5), ("3", 3.0), ("1e-6", 1e-6)] {
+            let p = parse(&format!("[pipeline]\ncache_max_gb = {value}\n{node}")).unwrap();
+            assert_eq!(p.settings.cache_max_gb, gb, "{value}");
+        }
+        for value in ["0", "-2", "0.0", "nan", "inf", "\"20\"", "true"] {
+            let text = format!("[pipeline]\nname = \"x\"\n\ncache_max_gb = {value}\n{node}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("p.toml:4:") && e.contains("`cache_max_gb` must be a positive number"),
+                "{value}: {e}"
+            );
+        }
     }
 
     #[test]

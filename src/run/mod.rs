@@ -25,7 +25,9 @@
 //!
 //! Nodes whose value is cacheable go through [`crate::cache`]: each record carries the key
 //! of every value it produced, and a node whose key is in the cache reads its value back
-//! instead of running its stage (the time it took is still recorded as the node's).
+//! instead of running its stage (the time it took is still recorded as the node's). After
+//! the last subject, the cache folder is brought back under its size cap
+//! ([`Cache::evict`]), off the async threads.
 
 mod progress;
 
@@ -55,6 +57,8 @@ pub struct RunOptions {
     pub bars: Option<indicatif::MultiProgress>,
     /// Neither read nor write the volume cache, whatever the pipeline file says.
     pub no_cache: bool,
+    /// Size cap of the volume cache in GB, replacing the file's `cache_max_gb`.
+    pub cache_max_gb: Option<f64>,
 }
 
 /// What a finished run produced.
@@ -116,7 +120,11 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         .unwrap_or_else(|| pipeline.settings.output.clone());
     fs_err::create_dir_all(&output).context("cannot create the output directory")?;
 
-    let cache = Arc::new(Cache::new(&pipeline, options.no_cache));
+    let cache = Arc::new(Cache::new(
+        &pipeline,
+        options.no_cache,
+        options.cache_max_gb,
+    ));
     let (constants, constant_keys) = run_constants(&pipeline, &cache, &output).await?;
     let entries = list_subjects(&pipeline)?;
     info!(pipeline = %pipeline.settings.name, subjects = entries.len(), output = %output.display(),
@@ -145,6 +153,10 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
     let collected = stream_subjects(shared.clone(), &stream, entries).await?;
     shared.progress.finish();
     shared.cache.log_summary();
+    let cache = shared.cache.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || cache.evict()).await {
+        warn!(error = %e, "Volume cache eviction stopped");
+    }
 
     let summary = RunSummary {
         pipeline: shared.pipeline.settings.name.clone(),
@@ -734,6 +746,7 @@ mod tests {
             channel_capacity: 8,
             description: None,
             cache: crate::cache::CacheSetting::Off,
+            cache_max_gb: crate::cache::DEFAULT_MAX_GB,
         };
         let nodes = vec![
             node("source", Arc::new(Source(subjects)), vec![], None),
@@ -759,6 +772,7 @@ mod tests {
             output: Some(tmp),
             bars: None,
             no_cache: true,
+            cache_max_gb: None,
         };
         let outcome = run(pipeline(subjects, capacity, &counter), options)
             .await
@@ -852,6 +866,7 @@ mod tests {
             output: Some(std::env::temp_dir().join("voxflow-run-test-batch")),
             bars: None,
             no_cache: true,
+            cache_max_gb: None,
         };
         let outcome = run(p, options).await.unwrap();
         assert_eq!(outcome.summary.subjects.len(), 10);
