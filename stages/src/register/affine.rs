@@ -287,6 +287,11 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
     let (cm, sm) = moments(&coarsest.moving, &coarsest.moving_grid)?;
     let (ef, lf) = principal_axes(&sf);
     let (em, lm) = principal_axes(&sm);
+    // Eigenvectors come with arbitrary signs: as a right-handed frame each, `em · S · efᵀ`
+    // is a rotation exactly when the sign matrix `S` is. Without this, half the principal-axis
+    // candidates were mirror images even with reflections off, and a mirrored candidate that
+    // scored best carried left-hemisphere labels onto the right.
+    let (ef, em) = (right_handed(ef), right_handed(em));
     let scale = ((lm.iter().product::<f64>()) / lf.iter().product::<f64>().max(1e-12))
         .powf(1.0 / 6.0)
         .clamp(0.5, 2.0);
@@ -352,5 +357,23 @@ pub(crate) fn align(levels: &[&Level], config: &AffineConfig) -> Result<Affine, 
     for (level, &iters) in levels.iter().zip(&config.iterations) {
         optimise(level, &mut params, config, iters, None)?;
     }
-    Ok(params.affine())
+    let affine = params.affine();
+    if !config.allow_reflection && linear(&affine).determinant() <= 0.0 {
+        return Err(StageError::Data(
+            "the affine alignment ended as a mirror image (determinant ≤ 0) with \
+             allow_reflection off; the scans may be too different to align"
+                .into(),
+        ));
+    }
+    Ok(affine)
+}
+
+/// `frame` with its last axis negated if needed so its determinant is positive.
+fn right_handed(frame: Matrix3<f64>) -> Matrix3<f64> {
+    if frame.determinant() >= 0.0 {
+        return frame;
+    }
+    let mut out = frame;
+    out.set_column(2, &(-frame.column(2)));
+    out
 }
