@@ -208,7 +208,12 @@ impl Dataset {
                 let mut entries = Vec::new();
                 for glob in pattern.items() {
                     for entry in list_folders(root, glob, image, labels.as_ref(), mask.as_ref())? {
-                        if !entries.iter().any(|e: &SubjectEntry| e.id == entry.id) {
+                        // One folder matched by two globs is one subject; two folders whose
+                        // ids collide (`a/b_c` and `a_b/c`) are caught below.
+                        if !entries
+                            .iter()
+                            .any(|e: &SubjectEntry| e.image == entry.image)
+                        {
                             entries.push(entry);
                         }
                     }
@@ -217,6 +222,19 @@ impl Dataset {
             }
             Layout::Manifest(path) => read_manifest(path)?,
         };
+        let bad: Vec<String> = entries
+            .iter()
+            .filter(|e| !is_plain_name(&e.id) || RESERVED_IDS.contains(&e.id.as_str()))
+            .map(|e| format!("{:?} ({})", e.id, e.image.display()))
+            .collect();
+        if !bad.is_empty() {
+            return Err(StageError::Input(format!(
+                "dataset: subject ids name output folders, so each must be a plain name of at \
+                 most {MAX_ID_BYTES} bytes (no `/`, `\\`, `..`, control characters) and not one \
+                 of {RESERVED_IDS:?}; these are not: {}",
+                bad.join(", ")
+            )));
+        }
         entries.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(pair) = entries.windows(2).find(|w| w[0].id == w[1].id) {
             return Err(StageError::Input(format!(
@@ -334,10 +352,18 @@ fn subject_id(root: &Path, dir: &Path) -> String {
     parts.join("_")
 }
 
+/// Names the run itself writes in the output folder, which no subject folder may take.
+const RESERVED_IDS: [&str; 2] = ["report.json", "report.csv"];
+
+/// Longest subject id, in bytes: a file name longer than this cannot be made on common
+/// file systems.
+const MAX_ID_BYTES: usize = 255;
+
 /// Whether `id` can name a folder inside the output folder and nothing else: one path
-/// component, not `.` or `..`, no separators or control characters.
+/// component, not `.` or `..`, no separators or control characters, not too long.
 pub(crate) fn is_plain_name(id: &str) -> bool {
     !id.is_empty()
+        && id.len() <= MAX_ID_BYTES
         && id != "."
         && id != ".."
         && !id.chars().any(|c| c == '/' || c == '\\' || c.is_control())
@@ -459,6 +485,54 @@ mod tests {
         assert_eq!(entries[2].image, dir.path().join("sub-c/t1.nii.gz"));
         assert_eq!(entries[0].labels, Some(dir.path().join("sub-a/aseg.mgz")));
         assert_eq!(entries[0].mask, None);
+    }
+
+    fn folders(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in names {
+            let sub = dir.path().join(name);
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::write(sub.join("t1.nii.gz"), b"").unwrap();
+        }
+        dir
+    }
+
+    fn listing_error(dir: &Path, pattern: &str) -> String {
+        let stage = dataset(&format!(
+            "root = {:?}\npattern = {pattern:?}\nimage = \"t1.nii.gz\"",
+            dir
+        ));
+        match stage.subjects().unwrap() {
+            Ok(entries) => panic!("listed {entries:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// `a/b_c` and `a_b/c` both become `a_b_c`: an error naming both folders, not one of them
+    /// silently dropped.
+    #[test]
+    fn nested_folders_whose_ids_collide_are_an_error() {
+        let dir = folders(&["a/b", "a/b_c", "a_b/c", "x/y"]);
+        let message = listing_error(dir.path(), "*/*");
+        assert!(
+            message.contains("\"a_b_c\" appears twice")
+                && message.contains("a/b_c/t1.nii.gz")
+                && message.contains("a_b/c/t1.nii.gz"),
+            "{message}"
+        );
+    }
+
+    /// Ids that cannot be output folders are all named at once, before anything runs.
+    #[test]
+    fn ids_that_cannot_name_an_output_folder_are_listed_together() {
+        let dir = folders(&["report.json", "bad\nname", "good"]);
+        let message = listing_error(dir.path(), "*");
+        for id in ["\"report.json\"", "\"bad\\nname\""] {
+            assert!(message.contains(id), "{id} missing from {message}");
+        }
+        assert!(!message.contains("\"good\""), "{message}");
+        // Longer than a file name may be (a manifest or nested folders can make one).
+        assert!(!is_plain_name(&"s".repeat(256)) && is_plain_name(&"s".repeat(255)));
     }
 
     #[test]
