@@ -103,7 +103,9 @@ impl Pipeline {
             }
         }
 
-        let order = match topological_order(&edges) {
+        let sorted = topological_order(&edges);
+        let acyclic = sorted.is_ok();
+        let order = match sorted {
             Ok(order) => order,
             Err(cycle) => {
                 let names: Vec<&str> = cycle.iter().map(|&i| file.nodes[i].name.as_str()).collect();
@@ -139,6 +141,17 @@ impl Pipeline {
             ));
         }
 
+        if acyclic && !sources.is_empty() {
+            check_subject_inputs(
+                &file,
+                &stages,
+                &edges,
+                &order,
+                &sources,
+                &index,
+                &mut errors,
+            );
+        }
         if !errors.is_empty() {
             errors.sort_by_key(|e| e.position);
             return Err(ConfigErrors(errors));
@@ -278,6 +291,42 @@ fn input_kind_problem(
             spec.what
         )
     })
+}
+
+/// Reports inputs that must be the subject's own data (the fixed image of `register`, the
+/// subject scan of `segment` and `dice`) but come from a constant node: the atlas wired
+/// where the subject goes, which would otherwise run and give every subject wrong results.
+fn check_subject_inputs(
+    file: &PipelineFile,
+    stages: &[Option<Arc<dyn Stage>>],
+    edges: &[Vec<usize>],
+    order: &[usize],
+    sources: &[usize],
+    index: &BTreeMap<&str, usize>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut per_subject = vec![false; file.nodes.len()];
+    for &i in order {
+        per_subject[i] = sources.contains(&i) || edges[i].iter().any(|&j| per_subject[j]);
+    }
+    for (i, node) in file.nodes.iter().enumerate() {
+        let Some(spec) = stages[i].as_ref().and_then(|s| s.inputs()) else {
+            continue;
+        };
+        for &p in spec.subject {
+            let Some(name) = node.inputs.get(p) else {
+                continue;
+            };
+            if index.get(name.as_str()).is_some_and(|&j| !per_subject[j]) {
+                let message = format!(
+                    "input {p} ({name:?}) is the same for every subject, but it should be the \
+                     subject's own scan; are the inputs in the wrong order? (inputs: {})",
+                    spec.what
+                );
+                errors.push(file.error_at(node, Some("inputs"), message));
+            }
+        }
+    }
 }
 
 /// Reports a node whose number of `inputs` its type does not take.

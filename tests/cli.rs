@@ -441,6 +441,37 @@ fn an_input_of_the_wrong_kind_is_named_with_its_line() {
     );
 }
 
+/// Two scans swapped: both of the right kind, but the atlas sits where the subject goes.
+#[test]
+fn the_atlas_where_the_subject_goes_is_named_with_its_line() {
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "inputs = [\"register\", \"atlas\", \"oriented\"]",
+            "inputs = [\"register\", \"oriented\", \"atlas\"]",
+        )
+        .replace(
+            "inputs = [\"atlas_norm\", \"norm\"]",
+            "inputs = [\"norm\", \"atlas_norm\"]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    for (node, input) in [
+        ("segment", "input 2 (\"atlas\")"),
+        ("register", "input 1 (\"atlas_norm\")"),
+    ] {
+        assert!(
+            msg.contains(&format!("node `{node}`"))
+                && msg.contains(&format!("{input} is the same for every subject")),
+            "{node}: {msg}"
+        );
+    }
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "inputs = [\"atlas_norm\", \"norm\"]"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn batch_on_a_node_that_cannot_batch_is_named_with_its_line() {
     let (code, msg) = broken(|p| p.replace("type = \"segment\"", "type = \"segment\"\nbatch = 4"));

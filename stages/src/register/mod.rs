@@ -357,10 +357,13 @@ impl Stage for RegisterStage {
 
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         use crate::stage::ValueKind::Scan;
-        Some(crate::stage::InputSpec::of(
-            &[Scan, Scan],
-            "[atlas (moving) scan, subject (fixed) scan]",
-        ))
+        Some(
+            crate::stage::InputSpec::of(
+                &[Scan, Scan],
+                "[atlas (moving) scan, subject (fixed) scan]",
+            )
+            .subject_at(&[1]),
+        )
     }
 
     fn kind(&self) -> StageKind {

@@ -208,6 +208,9 @@ pub struct InputSpec {
     pub kinds: &'static [ValueKind],
     /// The kind of every input past `kinds`; `None` for any kind.
     pub rest: Option<ValueKind>,
+    /// Positions that must carry the subject's own data: a constant there (the atlas) means
+    /// the inputs are in the wrong order.
+    pub subject: &'static [usize],
 }
 
 impl InputSpec {
@@ -219,6 +222,7 @@ impl InputSpec {
             what,
             kinds: &[],
             rest: None,
+            subject: &[],
         }
     }
 
@@ -230,6 +234,15 @@ impl InputSpec {
             what,
             kinds,
             rest: None,
+            subject: &[],
+        }
+    }
+
+    /// This spec with `positions` marked as the subject's own ([`InputSpec::subject`]).
+    pub const fn subject_at(self, positions: &'static [usize]) -> InputSpec {
+        InputSpec {
+            subject: positions,
+            ..self
         }
     }
 

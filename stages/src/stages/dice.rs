@@ -76,10 +76,10 @@ impl Stage for Dice {
 
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         use crate::stage::ValueKind::{Scan, Segmentation};
-        Some(crate::stage::InputSpec::of(
-            &[Segmentation, Scan],
-            "[segmentation, subject scan]",
-        ))
+        Some(
+            crate::stage::InputSpec::of(&[Segmentation, Scan], "[segmentation, subject scan]")
+                .subject_at(&[1]),
+        )
     }
 
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {

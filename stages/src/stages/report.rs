@@ -75,6 +75,7 @@ impl Stage for Report {
             what: "[dice scores, ...]",
             kinds: &[],
             rest: Some(crate::stage::ValueKind::Scores),
+            subject: &[],
         })
     }
 

@@ -73,10 +73,13 @@ impl Stage for Segment {
 
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         use crate::stage::ValueKind::{Scan, Transform};
-        Some(crate::stage::InputSpec::of(
-            &[Transform, Scan, Scan],
-            "[registration, atlas scan, subject scan]",
-        ))
+        Some(
+            crate::stage::InputSpec::of(
+                &[Transform, Scan, Scan],
+                "[registration, atlas scan, subject scan]",
+            )
+            .subject_at(&[2]),
+        )
     }
 
     fn kind(&self) -> crate::stage::StageKind {

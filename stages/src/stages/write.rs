@@ -64,6 +64,7 @@ impl Stage for Write {
             what: "[segmentation or scan, any others to wait for]",
             kinds: &[],
             rest: None,
+            subject: &[],
         })
     }
 
