@@ -88,6 +88,8 @@ struct VolumeMeta {
     /// Row-major 4×4.
     affine: [f64; 16],
     header: HeaderMeta,
+    /// CRC-32 of the `.f32` file's bytes, so a file damaged in place (same size) is caught.
+    crc32: u32,
 }
 
 /// [`SourceHeader`], field by field.
@@ -208,7 +210,13 @@ fn read_volume(entry: &Path, index: usize, meta: &VolumeMeta) -> Result<Volume, 
             ),
         });
     }
-    let data = read_f32(&file, &path, len as usize)?;
+    let (data, crc) = read_f32(&file, &path, len as usize)?;
+    if crc != meta.crc32 {
+        return Err(CacheError::Corrupt {
+            path,
+            reason: format!("checksum {crc:08x}, expected {:08x}", meta.crc32),
+        });
+    }
     let h = &meta.header;
     Ok(Volume {
         data,
@@ -228,10 +236,11 @@ fn read_volume(entry: &Path, index: usize, meta: &VolumeMeta) -> Result<Volume, 
     })
 }
 
-/// The file's little-endian `f32`s, through a memory map, or a plain read if mapping fails.
-fn read_f32(file: &std::fs::File, path: &Path, len: usize) -> Result<Vec<f32>, CacheError> {
+/// The file's little-endian `f32`s and the CRC-32 of its bytes, through a memory map, or a
+/// plain read if mapping fails.
+fn read_f32(file: &std::fs::File, path: &Path, len: usize) -> Result<(Vec<f32>, u32), CacheError> {
     if len == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), crc32fast::hash(&[])));
     }
     // SAFETY: the map is only read, and only while this function runs. Cache files are never
     // modified or truncated in place: entries are written under a temporary name, renamed
@@ -253,11 +262,12 @@ fn read_f32(file: &std::fs::File, path: &Path, len: usize) -> Result<Vec<f32>, C
     }
 }
 
-fn decode(bytes: &[u8]) -> Vec<f32> {
-    bytes
+fn decode(bytes: &[u8]) -> (Vec<f32>, u32) {
+    let values = bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+        .collect();
+    (values, crc32fast::hash(bytes))
 }
 
 fn rows(m: &Affine) -> [f64; 16] {
@@ -311,12 +321,18 @@ fn write_entry(folder: &Path, scan: &Scan) -> Result<u64, CacheError> {
     let mut volumes: Vec<Arc<Volume>> = Vec::new();
     let meta = describe(scan, &mut volumes);
     let mut bytes = 0;
+    let mut metas = Vec::with_capacity(volumes.len());
     for (i, v) in volumes.iter().enumerate() {
-        bytes += write_f32(&folder.join(format!("{i}.f32")), &v.data)?;
+        let (written, crc32) = write_f32(&folder.join(format!("{i}.f32")), &v.data)?;
+        bytes += written;
+        metas.push(VolumeMeta {
+            crc32,
+            ..volume_meta(v)
+        });
     }
     let header = EntryHeader {
         format: FORMAT_VERSION,
-        volumes: volumes.iter().map(|v| volume_meta(v)).collect(),
+        volumes: metas,
         scan: meta,
     };
     let path = folder.join(HEADER);
@@ -364,18 +380,22 @@ fn volume_meta(v: &Volume) -> VolumeMeta {
             sform_code: h.sform_code,
             scaling: h.scaling,
         },
+        crc32: 0,
     }
 }
 
-fn write_f32(path: &Path, data: &[f32]) -> Result<u64, CacheError> {
+/// Writes `data` as little-endian `f32`s; returns the bytes written and their CRC-32.
+fn write_f32(path: &Path, data: &[f32]) -> Result<(u64, u32), CacheError> {
     let mut file = std::fs::File::create(path).map_err(io(path))?;
+    let mut crc = crc32fast::Hasher::new();
     let mut buf = Vec::with_capacity(1 << 20);
     for chunk in data.chunks(1 << 18) {
         buf.clear();
         buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+        crc.update(&buf);
         file.write_all(&buf).map_err(io(path))?;
     }
-    Ok(data.len() as u64 * 4)
+    Ok((data.len() as u64 * 4, crc.finalize()))
 }
 
 /// Marks `dir` as a cache folder (https://bford.info/cachedir/), once.
@@ -657,6 +677,28 @@ mod tests {
         ));
         remove(tmp.path(), &key(3));
         assert!(read(tmp.path(), &key(3)).unwrap().is_none());
+    }
+
+    /// Bytes changed in place (same size: NaNs or zeros written over part of a file) are
+    /// caught by the checksum instead of feeding a subject damaged data.
+    #[test]
+    fn bytes_damaged_in_place_fail_the_checksum() {
+        use std::io::{Seek, SeekFrom};
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(4), &scan()).unwrap();
+        assert!(read(tmp.path(), &key(4)).unwrap().is_some());
+        let path = entry_dir(tmp.path(), &key(4)).join("0.f32");
+        let size = std::fs::metadata(&path).unwrap().len();
+        let mut file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(4)).unwrap();
+        file.write_all(&f32::NAN.to_le_bytes()).unwrap();
+        drop(file);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        let err = read(tmp.path(), &key(4)).unwrap_err();
+        assert!(
+            matches!(err, CacheError::Corrupt { .. }) && err.to_string().contains("checksum"),
+            "{err}"
+        );
     }
 
     #[test]
