@@ -493,3 +493,17 @@ fn a_mirrored_brain_is_aligned_by_a_rotation_not_a_reflection() {
     );
     assert!(dice > 0.68, "mean Dice on the mirrored brain {dice}");
 }
+
+/// A scan far too small to register is refused with its size, not a libtorch kernel error.
+#[test]
+fn a_tiny_image_is_refused_with_a_clear_reason() {
+    let tiny = Volume::new(
+        (0..64).map(|v| v as f32).collect(),
+        [4, 4, 4],
+        Affine::identity(),
+    );
+    let atlas = Scan::from_image(read("fsaverage/brain.mgz"));
+    let err = register(&atlas, &Scan::from_image(tiny), &at_4mm()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("too few to register"), "{msg}");
+}

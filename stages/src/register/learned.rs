@@ -28,8 +28,13 @@ impl Model {
     /// # Errors
     /// If the file is missing or not a TorchScript module.
     pub fn load(path: &Path, device: Device) -> Result<Arc<Model>, StageError> {
-        let module = CModule::load_on_device(path, device)
-            .map_err(|e| StageError::Input(format!("{}: {e}", path.display())))?;
+        let module = CModule::load_on_device(path, device).map_err(|e| {
+            StageError::Input(format!(
+                "{}: cannot load it as a TorchScript model: {}",
+                path.display(),
+                crate::stage::torch_message(&e)
+            ))
+        })?;
         Ok(Arc::new(Model { module }))
     }
 

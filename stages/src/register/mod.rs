@@ -515,6 +515,9 @@ fn robust_max(data: &[f32]) -> f32 {
     if *v > 0.0 { *v } else { 1.0 }
 }
 
+/// Fewest registration-grid voxels along an axis: the pyramid and the filters need a few.
+const MIN_GRID_VOXELS: usize = 8;
+
 /// Voxels above this fraction of the robust maximum count as foreground when cropping.
 const FOREGROUND_FRACTION: f32 = 0.02;
 /// Millimetres of background kept around the foreground when cropping.
@@ -575,6 +578,14 @@ fn prepare(scan: &Scan, spacing: f64, device: Device) -> Result<OnGrid, StageErr
         affine: image.affine * shift,
     };
     let grid = grid_with_spacing(&cropped, spacing);
+    if grid.shape.iter().any(|&n| n < MIN_GRID_VOXELS) {
+        return Err(StageError::Data(format!(
+            "{}: the image's foreground spans {:?} voxels at {spacing} mm, too few to register \
+             (at least {MIN_GRID_VOXELS} per axis); use a finer resolution_mm or check the image",
+            image.header.path.display(),
+            grid.shape
+        )));
+    }
     let resampled = resample_grid(&t, &cropped, &grid, false)?;
     Ok(OnGrid {
         image: resampled,

@@ -353,7 +353,7 @@ pub enum StageError {
 
 /// libtorch's message without the C++ stack trace it appends (`Exception raised from …`,
 /// `frame #N: …`), which says nothing to a user and buries the reason in reports.
-fn torch_message(e: &tch::TchError) -> String {
+pub(crate) fn torch_message(e: &tch::TchError) -> String {
     let full = e.to_string();
     let cut = ["Exception raised from", "frame #"]
         .iter()
