@@ -290,7 +290,9 @@ async fn stream_subjects(
 
     let mut outcomes = Vec::new();
     while let Ok(record) = rx.recv().await {
-        outcomes.push(outcome(record));
+        // "k/N": how far the run is, for logs read without the progress bars.
+        let progress = format!("{}/{listed}", outcomes.len() + 1);
+        outcomes.push(outcome(record, &progress));
     }
     feeder.await.context("the dataset feeder panicked")?;
     if outcomes.len() < listed {
@@ -315,20 +317,21 @@ async fn stream_subjects(
     Ok(outcomes)
 }
 
-fn outcome(record: Record) -> SubjectOutcome {
+fn outcome(record: Record, progress: &str) -> SubjectOutcome {
     let scores = record.values.iter().find_map(|v| match v {
         Some(Value::Scores(s)) => Some((**s).clone()),
         _ => None,
     });
     let seconds: f64 = record.timings.iter().map(|(_, s)| s).sum();
     match &record.failure {
-        // Logged by `step` when it happened, so a quick failure is not held behind slow
-        // subjects still in the pipeline.
-        Some(_) => {}
+        // The reason was logged by `step` when it happened, so a quick failure is not held
+        // behind slow subjects; this line only counts the subject.
+        Some((node, _)) => info!(subject = %record.id, progress, failed_in = %node,
+            "Subject finished with a failure"),
         None => match &scores {
-            Some(s) => info!(subject = %record.id, seconds, dice_before = s.mean_before,
-                dice_after = s.mean_after, "Subject done"),
-            None => info!(subject = %record.id, seconds, "Subject done"),
+            Some(s) => info!(subject = %record.id, progress, seconds,
+                dice_before = s.mean_before, dice_after = s.mean_after, "Subject done"),
+            None => info!(subject = %record.id, progress, seconds, "Subject done"),
         },
     }
     SubjectOutcome {
