@@ -119,6 +119,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         .clone()
         .unwrap_or_else(|| pipeline.settings.output.clone());
     fs_err::create_dir_all(&output).context("cannot create the output directory")?;
+    let _lock = lock_output(&output)?;
 
     let cache = Arc::new(Cache::new(
         &pipeline,
@@ -172,6 +173,34 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
 }
 
 type Constants = (Vec<Option<Value>>, Vec<Option<Key>>);
+
+/// Name of the lock file a run holds in its output folder.
+const LOCK_FILE: &str = ".voxflow.lock";
+
+/// Takes the output folder for this run: a second run into the same folder (a nightly job
+/// started again while the last one still runs) would mix two runs' files under one report.
+/// The lock is advisory and released when the returned file is dropped or the process dies.
+fn lock_output(output: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = output.join(LOCK_FILE);
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another voxflow run is writing to {}; wait for it, or choose another --output",
+            output.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            // A file system without locks (some network mounts): run unguarded.
+            warn!(file = %path.display(), error = %e, "Cannot lock the output folder");
+            Ok(file)
+        }
+    }
+}
 
 async fn run_constants(
     pipeline: &Pipeline,
@@ -891,5 +920,15 @@ mod tests {
         // Eight subjects reach the batcher: batches of three, the one with s007 rerun alone.
         assert!(sizes.iter().all(|&n| (2..=3).contains(&n)), "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 8, "{sizes:?}");
+    }
+
+    #[test]
+    fn a_second_run_cannot_take_a_locked_output_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_output(dir.path()).unwrap();
+        let err = lock_output(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("another voxflow run is writing to"), "{err}");
+        drop(first);
+        assert!(lock_output(dir.path()).is_ok());
     }
 }
