@@ -129,8 +129,12 @@ impl Items {
 }
 
 /// Sum over every dimension but the first, `[B]` in f64.
+///
+/// Summed in the input's own kind (libtorch accumulates float sums in double on a CPU), then
+/// widened: asking for a double sum would first copy the whole volume to double.
 fn per_item_sum(x: &Tensor) -> Result<Tensor, StageError> {
-    Ok(x.f_sum_dim_intlist(&[1i64, 2, 3, 4][..], false, Kind::Double)?)
+    Ok(x.f_sum_dim_intlist(&[1i64, 2, 3, 4][..], false, x.kind())?
+        .f_to_kind(Kind::Double)?)
 }
 
 /// A `[B]` tensor as `[B, 1, 1, 1, 1]` of `kind`.
