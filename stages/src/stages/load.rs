@@ -2,8 +2,10 @@
 //!
 //! Per subject, the input is a `dataset` entry; with no inputs, the node is constant and its
 //! own `image`/`labels`/`mask` parameters name the files (how an atlas is declared). Loading
-//! is where bad data is caught: labels or a mask on another grid, and NaN/Inf voxels, are
+//! is where bad data is caught: labels or a mask of another shape, and NaN/Inf voxels, are
 //! errors naming the files and values, so later stages can assume clean, aligned volumes.
+//! Labels or a mask of the image's shape whose header affine differs are taken to be on the
+//! image's grid, with a warning (see the limitation in `load_scan`).
 //!
 //! Left out: 4D images (a time series is rejected rather than reduced) and resampling labels
 //! stored on another grid; both are errors.
