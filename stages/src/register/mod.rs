@@ -73,6 +73,10 @@ pub fn tune_allocator() {
     }
 }
 
+/// Most iterations accepted per level: more can only be a typo (a 1 mm level costs about a
+/// second per iteration on a CPU).
+const MAX_ITERATIONS: usize = 10_000;
+
 /// Finest registration grid spacing accepted (mm).
 const MIN_RESOLUTION_MM: f64 = 0.25;
 /// Coarsest registration grid spacing accepted (mm).
@@ -308,6 +312,16 @@ impl RegisterConfig {
                     "{name} must go from coarse to fine (largest factor first), got {levels:?}"
                 ));
             }
+        }
+        if a.iterations
+            .iter()
+            .chain(&d.iterations)
+            .any(|&n| n > MAX_ITERATIONS)
+        {
+            out.push(format!(
+                "iterations must be at most {MAX_ITERATIONS} per level (the optimisers stop \
+                 on convergence long before)"
+            ));
         }
         if d.field_shrink == 0 {
             out.push("deformable.field_shrink must be at least 1".into());
@@ -824,4 +838,18 @@ fn finish(
         fixed_grid: reg.grid,
         quality,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_iteration_counts_are_problems() {
+        let mut config = RegisterConfig::default();
+        assert!(config.problems().is_empty());
+        config.deformable.iterations = vec![100_000_000, 10, 1];
+        let problems = config.problems().join("; ");
+        assert!(problems.contains("at most 10000 per level"), "{problems}");
+    }
 }

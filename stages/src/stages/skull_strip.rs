@@ -134,6 +134,10 @@ pub enum StripMethod {
     Auto,
 }
 
+/// Largest `dilate_mm` accepted: a margin wider than a few centimetres keeps the whole head
+/// (and costs a dilation over the whole volume), so it can only be a typo.
+const MAX_DILATE_MM: f64 = 50.0;
+
 impl StageConfig for SkullStripConfig {
     fn files(&self) -> Vec<(String, PathBuf)> {
         let atlases = self.atlases.iter().flat_map(|a| {
@@ -150,9 +154,9 @@ impl StageConfig for SkullStripConfig {
     }
 
     fn build(self) -> Result<Arc<dyn Stage>, BuildError> {
-        if !self.dilate_mm.is_finite() || self.dilate_mm < 0.0 {
+        if !(0.0..=MAX_DILATE_MM).contains(&self.dilate_mm) {
             return Err(BuildError::Invalid(format!(
-                "skull_strip: dilate_mm must be a non-negative number of millimetres, got {}",
+                "skull_strip: dilate_mm must be from 0 to {MAX_DILATE_MM} mm, got {}",
                 self.dilate_mm
             )));
         }
@@ -414,6 +418,22 @@ mod tests {
     use super::*;
     use crate::stage::{Transform, TransformQuality};
     use crate::volume::Affine;
+
+    #[test]
+    fn a_margin_wider_than_a_head_is_refused() {
+        for bad in ["dilate_mm = 1e6", "dilate_mm = -1.0", "dilate_mm = nan"] {
+            let config: SkullStripConfig = toml::from_str(bad).unwrap();
+            let err = config
+                .build()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("dilate_mm must be from 0 to 50"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn example_config_parses() {
