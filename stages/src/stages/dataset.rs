@@ -317,10 +317,16 @@ fn list_folders(
     let mut entries = Vec::new();
     for path in paths {
         let dir = path.map_err(|e| StageError::Input(format!("dataset: {e}")))?;
-        if !dir.is_dir() {
+        // A link to a folder that is gone is a subject whose files are missing, not a plain
+        // file to skip: it is kept, so its load fails and the run counts it.
+        let dangling = dir.is_symlink() && std::fs::metadata(&dir).is_err();
+        if !dir.is_dir() && !dangling {
             continue;
         }
         let id = subject_id(root, &dir);
+        if dangling {
+            tracing::warn!(subject = %id, link = %dir.display(), "Subject folder is a broken link");
+        }
         let image = image.pick(&dir);
         if !image.is_file() {
             tracing::debug!(subject = %id, image = %image.display(), "Subject folder lacks its image; kept");
@@ -520,6 +526,22 @@ mod tests {
                 && message.contains("a_b/c/t1.nii.gz"),
             "{message}"
         );
+    }
+
+    /// A subject folder that is a link to nothing is kept (its load then fails, naming the
+    /// file) instead of vanishing from the run.
+    #[test]
+    fn a_broken_link_folder_is_kept_as_a_subject() {
+        let dir = folders(&["good"]);
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("linked")).unwrap();
+        let stage = dataset(&format!(
+            "root = {:?}\npattern = \"*\"\nimage = \"t1.nii.gz\"",
+            dir.path()
+        ));
+        let entries = stage.subjects().unwrap().unwrap();
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["good", "linked"]);
+        assert!(!entries[1].image.exists());
     }
 
     /// Ids that cannot be output folders are all named at once, before anything runs.
