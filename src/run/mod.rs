@@ -503,29 +503,22 @@ fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record>
     let span = info_span!("batch", stage = %n.spec.name, subjects = live.len());
     let results = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut ready = Vec::new();
+            let mut slots = Vec::new();
+            let mut items: Vec<(Context<'_>, Inputs<'_>)> = Vec::new();
             let mut outcome: Vec<Option<Result<Keyed, String>>> = vec![None; live.len()];
             for (slot, &i) in live.iter().enumerate() {
                 match gather(shared, node, &records[i]) {
-                    Ok(values) => ready.push((slot, context(shared, node, &records[i]), values)),
+                    Ok(values) => {
+                        slots.push(slot);
+                        items.push((context(shared, node, &records[i]), Inputs { values }));
+                    }
                     Err(reason) => outcome[slot] = Some(Err(reason)),
                 }
             }
-            let items: Vec<(Context<'_>, Inputs<'_>)> = ready
-                .iter()
-                .map(|(_, ctx, values)| {
-                    (
-                        ctx.clone(),
-                        Inputs {
-                            values: values.clone(),
-                        },
-                    )
-                })
-                .collect();
             let done = n.stage.process_batch(&items);
-            for ((slot, _, _), result) in ready.iter().zip(done) {
+            for (slot, result) in slots.into_iter().zip(done) {
                 // Batching stages are never cached: their values have no key.
-                outcome[*slot] = Some(result.map(|v| (v, None)).map_err(|e| e.to_string()));
+                outcome[slot] = Some(result.map(|v| (v, None)).map_err(|e| e.to_string()));
             }
             outcome
         }))
@@ -609,18 +602,23 @@ fn gather<'a>(
     let nodes = &shared.pipeline.nodes;
     let mut values = Vec::with_capacity(nodes[node].inputs.len());
     for &j in &nodes[node].inputs {
-        let source = if nodes[j].per_subject {
-            &record.values
-        } else {
-            &shared.constants
-        };
         let name = nodes[j].spec.name.as_str();
-        match &source[j] {
+        match input(shared, record, j).0 {
             Some(v) => values.push((name, v)),
             None => return Err(format!("input `{name}` has no value for this subject")),
         }
     }
     Ok(values)
+}
+
+/// Node `j`'s value and cache key as `record` sees them: the record's own for a per-subject
+/// node, the run's for a constant one.
+fn input<'a>(shared: &'a Shared, record: &'a Record, j: usize) -> (&'a Option<Value>, Option<Key>) {
+    if shared.pipeline.nodes[j].per_subject {
+        (&record.values[j], record.keys[j])
+    } else {
+        (&shared.constants[j], shared.constant_keys[j])
+    }
 }
 
 fn context<'a>(shared: &'a Shared, node: usize, record: &'a Record) -> Context<'a> {
@@ -643,12 +641,8 @@ fn process(shared: &Shared, node: usize, record: &Record) -> Result<Keyed, Strin
         .inputs
         .iter()
         .map(|&j| {
-            let (source, source_keys) = if nodes[j].per_subject {
-                (&record.values, &record.keys)
-            } else {
-                (&shared.constants, &shared.constant_keys)
-            };
-            shared.cache.input_key(source_keys[j], source[j].as_ref())
+            let (value, key) = input(shared, record, j);
+            shared.cache.input_key(key, value.as_ref())
         })
         .collect();
     let key = shared.cache.key(node, &record.id, &keys);

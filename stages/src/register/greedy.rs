@@ -205,12 +205,14 @@ fn stack(levels: &[&Level]) -> Result<Stacked, StageError> {
 struct Fields {
     u: Tensor,
     grids: Vec<Grid>,
+    /// Each item's own part of its grid (the rest is padding).
+    own: Vec<Grid>,
 }
 
 impl Fields {
-    /// Item `b` cut to `shape` (its own voxels) as a [`Field`] on that part of its grid.
-    fn own(&self, b: usize, shape: [usize; 3]) -> Result<Field, StageError> {
-        let [ni, nj, nk] = shape.map(|n| n as i64);
+    /// Item `b` cut to its own voxels, as a [`Field`] on that part of its grid.
+    fn own(&self, b: usize) -> Result<Field, StageError> {
+        let [ni, nj, nk] = self.own[b].shape.map(|n| n as i64);
         let u = self
             .u
             .f_narrow(0, b as i64, 1)?
@@ -219,10 +221,7 @@ impl Fields {
             .f_narrow(4, 0, ni)?;
         Ok(Field {
             u,
-            grid: Grid {
-                shape,
-                ..self.grids[b]
-            },
+            grid: self.own[b],
         })
     }
 }
@@ -244,7 +243,6 @@ fn run_level(
     affines: &[Affine],
     fields: &mut Fields,
     field_valid: Option<&Tensor>,
-    own_field_voxels: &[f64],
     config: &DeformableConfig,
     iterations: usize,
 ) -> Result<Vec<f64>, StageError> {
@@ -333,8 +331,8 @@ fn run_level(
                 )?;
                 let rms = sums
                     .iter()
-                    .zip(own_field_voxels)
-                    .map(|(s, n)| ADAM_FLOOR * (s / (3.0 * n)).sqrt().max(1e-30))
+                    .zip(&fields.own)
+                    .map(|(s, own)| ADAM_FLOOR * (s / (3.0 * own.len() as f64)).sqrt().max(1e-30))
                     .collect();
                 eps.insert(per_item(rms)?)
             }
@@ -441,7 +439,6 @@ pub(crate) fn deform(
     let device = first.levels[0].fixed.device();
     let affines: Vec<Affine> = subjects.iter().map(|s| s.affine).collect();
     let mut fields: Option<Fields> = None;
-    let mut own_shapes = Vec::new();
     let mut losses = vec![f64::NAN; subjects.len()];
     for (l, &iters) in config
         .iterations
@@ -455,15 +452,18 @@ pub(crate) fn deform(
             .iter()
             .map(|g| field_grid(g, config.field_shrink))
             .collect();
-        let shapes: Vec<[usize; 3]> = (0..subjects.len())
-            .map(|b| own_field_shape(&level.own[b], &level.grids[b], &grids[b]))
+        let own: Vec<Grid> = (0..subjects.len())
+            .map(|b| Grid {
+                shape: own_field_shape(&level.own[b], &level.grids[b], &grids[b]),
+                ..grids[b]
+            })
             .collect();
-        let u = match &fields {
+        let mut u = match &fields {
             // Each item's own part carried onto its new grid (edge values beyond), then held
             // at zero on padding.
             Some(previous) => {
                 let parts = (0..subjects.len())
-                    .map(|b| Ok(previous.own(b, own_shapes[b])?.resampled(&grids[b])?.u))
+                    .map(|b| Ok(previous.own(b)?.resampled(&grids[b])?.u))
                     .collect::<Result<Vec<_>, StageError>>()?;
                 Tensor::f_cat(&parts, 0)?
             }
@@ -475,36 +475,23 @@ pub(crate) fn deform(
                 )?
             }
         };
-        let own_grids: Vec<Grid> = (0..subjects.len())
-            .map(|b| Grid {
-                shape: shapes[b],
-                ..grids[b]
-            })
-            .collect();
-        let field_valid = own_voxels(&own_grids, grids[0].shape, device)?;
-        let mut u = u;
+        let field_valid = own_voxels(&own, grids[0].shape, device)?;
         if let Some(valid) = &field_valid {
             let _ = u.f_mul_(valid)?;
         }
-        let mut current = Fields { u, grids };
-        let voxels: Vec<f64> = shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>() as f64)
-            .collect();
+        let mut current = Fields { u, grids, own };
         losses = run_level(
             &level,
             &affines,
             &mut current,
             field_valid.as_ref(),
-            &voxels,
             config,
             iters,
         )?;
         fields = Some(current);
-        own_shapes = shapes;
     }
     let fields = fields.expect("at least one level ran");
     (0..subjects.len())
-        .map(|b| Ok((fields.own(b, own_shapes[b])?, losses[b])))
+        .map(|b| Ok((fields.own(b)?, losses[b])))
         .collect()
 }

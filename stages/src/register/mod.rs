@@ -402,13 +402,7 @@ impl Stage for RegisterStage {
         let mut out: Vec<Option<Result<Value, StageError>>> = items.iter().map(|_| None).collect();
         let device = match self.config.device.resolve() {
             Ok(d) => d,
-            Err(e) => {
-                let reason = e.to_string();
-                return items
-                    .iter()
-                    .map(|_| Err(StageError::Input(reason.clone())))
-                    .collect();
-            }
+            Err(e) => return fail_all(items.len(), &e),
         };
         // (atlas scan, [(item, subject scan)]).
         type Group<'a> = (&'a Arc<Scan>, Vec<(usize, &'a Scan)>);
@@ -502,13 +496,7 @@ pub fn register_batch(
         Ok((device, model)) => {
             tch::no_grad(|| run_batch(moving, fixed, config, model.as_deref(), device))
         }
-        Err(e) => {
-            let reason = e.to_string();
-            fixed
-                .iter()
-                .map(|_| Err(StageError::Input(reason.clone())))
-                .collect()
-        }
+        Err(e) => fail_all(fixed.len(), &e),
     }
 }
 
@@ -673,16 +661,10 @@ fn run_batch(
 ) -> Vec<Result<Transform, StageError>> {
     let moving_on = match prepare(moving, config.resolution_mm, device) {
         Ok(m) => m,
-        Err(e) => {
-            let reason = format!("atlas (moving) image: {e}");
-            return fixed
-                .iter()
-                .map(|_| Err(StageError::Data(reason.clone())))
-                .collect();
-        }
+        Err(e) => return fail_all(fixed.len(), &format!("atlas (moving) image: {e}")),
     };
     let deformable = config.deformable.enabled && model.is_none();
-    let mut results: Vec<Result<Aligned, StageError>> = fixed
+    let results: Vec<Result<Aligned, StageError>> = fixed
         .iter()
         .map(|f| align_one(&moving_on, f, config, deformable, device))
         .collect();
@@ -690,11 +672,14 @@ fn run_batch(
     type Deformed = Result<(Option<Field>, f64), StageError>;
     let mut fields: Vec<Option<Deformed>> = (0..fixed.len()).map(|_| None).collect();
     if deformable {
-        let ready: Vec<usize> = (0..fixed.len()).filter(|&b| results[b].is_ok()).collect();
+        let ready: Vec<(usize, &Aligned)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(b, r)| Some((b, r.as_ref().ok()?)))
+            .collect();
         let subjects: Vec<greedy::Subject<'_>> = ready
             .iter()
-            .filter_map(|&b| results[b].as_ref().ok())
-            .map(|a| greedy::Subject {
+            .map(|(_, a)| greedy::Subject {
                 levels: config
                     .deformable
                     .levels
@@ -720,15 +705,15 @@ fn run_batch(
             }
             Err(e) => vec![Err(e)],
         };
-        for (&b, d) in ready.iter().zip(deformed) {
+        for (&(b, _), d) in ready.iter().zip(deformed) {
             fields[b] = Some(d.map(|(f, loss)| (Some(f), loss)));
         }
     }
     results
-        .iter_mut()
+        .into_iter()
         .zip(fields)
         .map(|(aligned, field)| {
-            let a = std::mem::replace(aligned, Err(StageError::Data(String::new())))?;
+            let a = aligned?;
             let reg = &a.levels[&1];
             let (field, loss) = match field {
                 Some(f) => f?,
@@ -755,6 +740,14 @@ fn run_batch(
             );
             Ok(result)
         })
+        .collect()
+}
+
+/// `n` failures with one reason, for a problem that stops a whole batch.
+fn fail_all<T>(n: usize, reason: &dyn std::fmt::Display) -> Vec<Result<T, StageError>> {
+    let reason = reason.to_string();
+    (0..n)
+        .map(|_| Err(StageError::Input(reason.clone())))
         .collect()
 }
 
