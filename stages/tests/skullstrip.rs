@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use voxflow_stages::skullstrip::{self, AutoParams, RefineParams};
+use voxflow_stages::skullstrip::{self, AtlasHead, AtlasParams, AutoParams, Edge, RefineParams};
 use voxflow_stages::volume::Volume;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data");
@@ -109,4 +109,55 @@ fn refine_recovers_mni152_from_a_shifted_mask() {
             assert!(d >= 0.96, "{shift}: dice {d}");
         }
     }
+}
+
+// Where each reference puts the brain's edge, as the CSF share that reproduces it (bench:
+// colin27 0.00 with Dice 0.951, MNI152 0.45 with 0.967, fsaverage 0.65 with about 0.933).
+
+#[test]
+fn the_edge_of_a_tight_and_of_a_wide_reference_is_measured() {
+    let tight = case("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz");
+    let wide = case("fsaverage/T1.mgz", "fsaverage/brain.mgz");
+    let (Some((ch, cm)), Some((fh, fm))) = (tight, wide) else {
+        return;
+    };
+    let params = AutoParams::default();
+    let (f_colin, d_colin) = skullstrip::fit_csf_fraction(&ch, &cm, &params).expect("fits");
+    let (f_fs, d_fs) = skullstrip::fit_csf_fraction(&fh, &fm, &params).expect("fits");
+    eprintln!("colin27 {f_colin:.2} ({d_colin:.4}), fsaverage {f_fs:.2} ({d_fs:.4})");
+    assert!(
+        f_colin <= 0.1 && d_colin >= 0.945,
+        "colin27 {f_colin} {d_colin}"
+    );
+    assert!(
+        (0.5..=0.85).contains(&f_fs) && d_fs >= 0.925,
+        "fsaverage {f_fs} {d_fs}"
+    );
+}
+
+#[test]
+fn the_atlas_method_follows_its_atlases_edge_when_asked() {
+    let (Some((head, reference)), Some((atlas_head, atlas_mask))) = (
+        case("mni152/MNI152_T1.nii.gz", "mni152/MNI152_mask.nii.gz"),
+        case("colin27/ch2.nii.gz", "colin27/ch2bet.nii.gz"),
+    ) else {
+        return;
+    };
+    let params = AtlasParams {
+        edge: Edge::Atlases,
+        ..AtlasParams::default()
+    };
+    // The same atlas head as if its mask had been drawn tight (colin27's own share) and
+    // wide (fsaverage's): the subject's mask moves out with it.
+    let mut volumes = Vec::new();
+    for share in [0.0, 0.65] {
+        let mut atlas = AtlasHead::new("colin27", atlas_head.clone(), atlas_mask.clone());
+        atlas.csf_fraction = Some(share);
+        let r = skullstrip::atlas(&head, &[&atlas], &params).expect("strips");
+        let d = skullstrip::dice(&r.mask, &reference).expect("same grid");
+        eprintln!("share {share}: {:.0} mL, dice {d:.4}", r.brain_volume_ml);
+        assert!(d >= 0.90, "share {share}: dice {d}");
+        volumes.push(r.brain_volume_ml);
+    }
+    assert!(volumes[1] - volumes[0] > 150.0, "{volumes:?}");
 }

@@ -23,12 +23,18 @@
 //! Which atlases may strip which subject is the caller's business; the `skull_strip` stage
 //! leaves out every atlas whose id is the subject's (see `stages/skull_strip.rs`).
 //!
+//! How much of the CSF and bone layer around the brain counts as brain is a convention that
+//! differs between tools (see the parent module). By default ([`Edge::Subject`]) every
+//! subject gets the boundary settings' share, whatever the atlases; with [`Edge::Atlases`]
+//! each atlas's own share is measured once on its own head and mask ([`fit_csf_fraction`],
+//! a few seconds per atlas) and each subject gets the mean share of the atlases it uses.
+//!
 //! Limitations: the atlases are registered one after another, each taking most of the time
 //! (about 4 s at 2 mm on two CPU cores); batching them is left to the registration. Since the
-//! edge is the subject's, this method cannot follow any one reference's convention for the
-//! CSF around the brain better than `auto` does (see the parent module): on colin27 and
-//! MNI152 its mask is `auto`'s, and it only trims a leak on fsaverage (0.914 to 0.917). The
-//! fallback to snapping (when `auto` finds nothing) is not covered by a test.
+//! edge is the subject's, shaped by one share for the whole brain, the atlas masks' shapes
+//! beyond that share are not followed: on colin27 and MNI152 the default mask is `auto`'s,
+//! and it only trims a leak on fsaverage (0.914 to 0.917). The fallback to snapping (when
+//! `auto` finds nothing) is not covered by a test.
 
 use std::time::Instant;
 
@@ -42,7 +48,8 @@ use crate::volume::Volume;
 
 use super::morphology::{dilate_bits, fill_holes_bits, from_bits, largest_bits, to_bits};
 use super::strip::{
-    AutoParams, RefineParams, SkullStripError, StripResult, auto, mask_volume_ml, refine_boundary,
+    AutoParams, RefineParams, SkullStripError, StripResult, auto, fit_csf_fraction, fitted_cap,
+    mask_volume_ml, refine_boundary,
 };
 
 /// A head with skull and its brain mask, on the same grid.
@@ -54,6 +61,77 @@ pub struct AtlasHead {
     pub image: Volume,
     /// Its brain mask (inside: value ≥ 0.5).
     pub mask: Volume,
+    /// Where this mask puts the brain's edge, as the CSF share that reproduces it
+    /// ([`fit_csf_fraction`]), once measured; [`atlas`] with [`Edge::Atlases`] measures it
+    /// when `None`. Measure it once per head ([`AtlasHead::measure_edge`]) when one head
+    /// strips many subjects.
+    pub csf_fraction: Option<f64>,
+}
+
+impl AtlasHead {
+    /// A head and its mask, its edge not yet measured.
+    pub fn new(id: impl Into<String>, image: Volume, mask: Volume) -> AtlasHead {
+        AtlasHead {
+            id: id.into(),
+            image,
+            mask,
+            csf_fraction: None,
+        }
+    }
+
+    /// Measures where this head's mask puts the brain's edge ([`fit_csf_fraction`] with
+    /// `boundary`) and keeps it in `csf_fraction`.
+    ///
+    /// # Errors
+    /// [`SkullStripError::AtlasEdge`] naming the head when its own brain cannot be found.
+    pub fn measure_edge(&mut self, boundary: &RefineParams) -> Result<f64, SkullStripError> {
+        let fraction = self.edge(boundary)?;
+        self.csf_fraction = Some(fraction);
+        Ok(fraction)
+    }
+
+    /// `csf_fraction` if measured, else measured now (and not kept).
+    fn edge(&self, boundary: &RefineParams) -> Result<f64, SkullStripError> {
+        if let Some(f) = self.csf_fraction {
+            return Ok(f);
+        }
+        let settings = AutoParams {
+            refine: boundary.clone(),
+            ..AutoParams::default()
+        };
+        let t = Instant::now();
+        let (fraction, dice) =
+            fit_csf_fraction(&self.image, &self.mask, &settings).map_err(|e| {
+                SkullStripError::AtlasEdge {
+                    atlas: self.id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        info!(
+            atlas = %self.id,
+            csf_fraction = fraction,
+            dice,
+            seconds = t.elapsed().as_secs_f64(),
+            "Atlas mask edge measured"
+        );
+        Ok(fraction)
+    }
+}
+
+/// Whose convention the atlas method follows for the brain's edge (how much of the CSF and
+/// bone layer between cortex and skull counts as brain).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edge {
+    /// The boundary settings' own `csf_fraction` (default 0.45, between the bundled
+    /// references' conventions): every subject gets the same edge whatever the atlases.
+    #[default]
+    Subject,
+    /// The atlases' masks': the CSF share with which each atlas's own extraction best
+    /// reproduces its mask ([`fit_csf_fraction`]), averaged over the atlases used. Atlases
+    /// whose masks come from one tool give subjects that tool's edge (BET-like masks a tight
+    /// one, FreeSurfer-like masks an intracranial one).
+    Atlases,
 }
 
 /// Settings of [`atlas`].
@@ -77,6 +155,8 @@ pub struct AtlasParams {
     /// them one by one.
     #[serde(deserialize_with = "over_default_boundary")]
     pub boundary: RefineParams,
+    /// Whose edge convention the mask follows. Default [`Edge::Subject`].
+    pub edge: Edge,
 }
 
 impl Default for AtlasParams {
@@ -89,6 +169,7 @@ impl Default for AtlasParams {
             refine: true,
             reach_mm: 10.0,
             boundary: RefineParams::default(),
+            edge: Edge::Subject,
         }
     }
 }
@@ -189,7 +270,8 @@ pub fn atlas(
     );
     debug!(fused_ml = mask_volume_ml(&fused), "Atlas masks fused");
     let mask = if params.refine {
-        own_boundary(head, &fused, params)?
+        let boundary = edge_settings(atlases, params)?;
+        own_boundary(head, &fused, &boundary, params.reach_mm)?
     } else {
         fused
     };
@@ -200,27 +282,52 @@ pub fn atlas(
     })
 }
 
-/// The subject's own brain mask ([`auto`]) where it lies within `params.reach_mm` of the
-/// fused atlas mask: the largest piece of that, holes filled. Falls back to
+/// The boundary settings for this subject: `params.boundary`, with, for [`Edge::Atlases`],
+/// the atlases' mean CSF share (each measured now unless it already was) and the deeper cap
+/// that share was measured with.
+fn edge_settings(
+    atlases: &[&AtlasHead],
+    params: &AtlasParams,
+) -> Result<RefineParams, SkullStripError> {
+    let mut boundary = params.boundary.clone();
+    if params.edge == Edge::Subject {
+        return Ok(boundary);
+    }
+    let mut sum = 0.0;
+    for a in atlases {
+        sum += a.edge(&params.boundary)?;
+    }
+    boundary.csf_fraction = sum / atlases.len() as f64;
+    boundary.csf_margin_mm = fitted_cap(boundary.csf_margin_mm);
+    debug!(
+        csf_fraction = boundary.csf_fraction,
+        "Edge convention of the atlases"
+    );
+    Ok(boundary)
+}
+
+/// The subject's own brain mask ([`auto`] with `boundary`) where it lies within `reach_mm`
+/// of the fused atlas mask: the largest piece of that, holes filled. Falls back to
 /// [`refine_boundary`] of the fused mask when `auto` finds no brain or nothing is left.
 fn own_boundary(
     head: &Volume,
     fused: &Volume,
-    params: &AtlasParams,
+    boundary: &RefineParams,
+    reach_mm: f64,
 ) -> Result<Volume, SkullStripError> {
     let settings = AutoParams {
-        refine: params.boundary.clone(),
+        refine: boundary.clone(),
         ..AutoParams::default()
     };
     let own = match auto(head, &settings) {
         Ok(r) => r.mask,
         Err(e) => {
             warn!(error = %e, "No brain of the subject's own; snapping the fused mask");
-            return refine_boundary(head, fused, &params.boundary);
+            return refine_boundary(head, fused, boundary);
         }
     };
     let (shape, spacing) = (head.shape, head.voxel_size());
-    let near = dilate_bits(&to_bits(fused), shape, spacing, params.reach_mm);
+    let near = dilate_bits(&to_bits(fused), shape, spacing, reach_mm);
     let kept: Vec<bool> = to_bits(&own)
         .iter()
         .zip(&near)
@@ -229,7 +336,7 @@ fn own_boundary(
     let kept = fill_holes_bits(&largest_bits(&kept, shape), shape);
     if !kept.contains(&true) {
         warn!("The subject's own mask misses the fused mask; snapping the fused mask");
-        return refine_boundary(head, fused, &params.boundary);
+        return refine_boundary(head, fused, boundary);
     }
     debug!(
         own_ml = mask_volume_ml(&own),

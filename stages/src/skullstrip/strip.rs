@@ -39,6 +39,15 @@ pub enum SkullStripError {
         /// What the registration reported.
         reason: String,
     },
+    /// An atlas head's own brain could not be found, so where its mask puts the brain's edge
+    /// cannot be measured.
+    #[error("measuring where atlas {atlas}'s mask puts the brain's edge failed: {reason}")]
+    AtlasEdge {
+        /// The atlas's id.
+        atlas: String,
+        /// What the extraction reported.
+        reason: String,
+    },
     /// Two volumes that must share a grid do not.
     #[error("grid mismatch: {what} has shape {got:?}, expected {want:?}")]
     ShapeMismatch {
@@ -323,33 +332,12 @@ fn tissue_levels(
     Ok(levels)
 }
 
-/// Finds the brain in a raw T1-weighted head (skull, scalp, face and neck included) without
-/// an atlas.
-///
-/// Steps (the module documentation argues each): the head and, inside it, the voxels deeper
-/// than `params.refine.scalp_mm`; tissue and white-matter levels from a sphere at the head's
-/// centre of mass; the largest piece of white-matter-bright voxels after an opening of
-/// `params.white_opening_mm`; tissue reached from it within `params.refine.grow_mm`; then the
-/// boundary work of [`refine_boundary`] with `params.refine`. All distances are in mm. The
-/// work happens on the head's bounding box, so empty field of view costs little.
-///
-/// ```no_run
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use voxflow_stages::skullstrip::{auto, AutoParams};
-/// let head = voxflow_stages::io::read_volume("colin27/ch2.nii.gz".as_ref())?;
-/// let brain = auto(&head, &AutoParams::default())?;
-/// assert!(brain.brain_volume_ml > 500.0);
-/// # Ok(()) }
-/// ```
-///
-/// # Errors
-/// [`SkullStripError::FlatImage`] for an empty or constant image, [`SkullStripError::NoBrain`]
-/// when a step leaves nothing.
-pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStripError> {
+/// The steps of [`auto`] up to the brain's hull, on the head's bounding box.
+fn extract(full: &Volume, params: &AutoParams) -> Result<Extraction, SkullStripError> {
+    let head = full;
     let (background, head_bits) = Head::locate(head)?;
     let crop = Crop::around(&head_bits, head.shape, 2)
         .ok_or_else(|| SkullStripError::NoBrain("nothing above the background level".into()))?;
-    let full = head;
     let head = &crop.volume(full);
     let found = Head::new(
         head,
@@ -389,14 +377,126 @@ pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStri
     let first = grow_bits(&core, &tissue, shape, spacing, params.refine.grow_mm);
     let first = fill_holes_bits(&close_bits(&first, shape, spacing, 2.0), shape);
 
-    let bits = refine_bits(head, &first, &params.refine, found, Some(levels), true)?;
-    let mask = from_bits(full, &crop.paste(&bits));
+    let (hull, band) = hull_bits(head, &first, &params.refine, found, Some(levels), true)?;
+    Ok(Extraction {
+        crop,
+        shape,
+        hull,
+        band,
+    })
+}
+
+/// [`auto`] up to the brain's hull, with the dark layer around it measured: what
+/// [`auto`] and [`fit_csf_fraction`] share.
+struct Extraction {
+    crop: Crop,
+    shape: [usize; 3],
+    hull: Vec<bool>,
+    band: DarkBand,
+}
+
+impl Extraction {
+    /// The mask on the cropped grid with `fraction` of the dark layer taken in, at most
+    /// `cap_mm` deep.
+    fn mask(&self, fraction: f64, cap_mm: f64) -> Vec<bool> {
+        let out = self.band.take(&self.hull, fraction, cap_mm);
+        fill_holes_bits(&largest_bits(&out, self.shape), self.shape)
+    }
+}
+
+/// Finds the brain in a raw T1-weighted head (skull, scalp, face and neck included) without
+/// an atlas.
+///
+/// Steps (the module documentation argues each): the head and, inside it, the voxels deeper
+/// than `params.refine.scalp_mm`; tissue and white-matter levels from a sphere at the head's
+/// centre of mass; the largest piece of white-matter-bright voxels after an opening of
+/// `params.white_opening_mm`; tissue reached from it within `params.refine.grow_mm`; then the
+/// boundary work of [`refine_boundary`] with `params.refine`. All distances are in mm. The
+/// work happens on the head's bounding box, so empty field of view costs little.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use voxflow_stages::skullstrip::{auto, AutoParams};
+/// let head = voxflow_stages::io::read_volume("colin27/ch2.nii.gz".as_ref())?;
+/// let brain = auto(&head, &AutoParams::default())?;
+/// assert!(brain.brain_volume_ml > 500.0);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`SkullStripError::FlatImage`] for an empty or constant image, [`SkullStripError::NoBrain`]
+/// when a step leaves nothing.
+pub fn auto(head: &Volume, params: &AutoParams) -> Result<StripResult, SkullStripError> {
+    let found = extract(head, params)?;
+    let bits = found.mask(params.refine.csf_fraction, params.refine.csf_margin_mm);
+    let mask = from_bits(head, &found.crop.paste(&bits));
     let brain_volume_ml = mask_volume_ml(&mask);
     debug!(brain_volume_ml, "Skull stripped");
     Ok(StripResult {
         mask,
         brain_volume_ml,
     })
+}
+
+/// The CSF share (`csf_fraction`) with which [`auto`] best reproduces `mask`, a brain mask
+/// of `head` drawn by another tool, and the Dice it then reaches: where that tool puts the
+/// brain's edge in the dark layer between cortex and skull (0 at the cortex, as BET does on
+/// colin27; about 0.45 for the MNI152 mask; 0.7 for FreeSurfer's fsaverage mask). Shares
+/// from 0 to 1 in steps of 0.05 are tried on one extraction (the layer may then reach
+/// `max(csf_margin_mm, 12)` deep), so this costs one [`auto`] plus a few seconds.
+///
+/// # Errors
+/// Those of [`auto`], and [`SkullStripError::ShapeMismatch`] when `mask` is not on `head`'s
+/// grid.
+pub fn fit_csf_fraction(
+    head: &Volume,
+    mask: &Volume,
+    params: &AutoParams,
+) -> Result<(f64, f64), SkullStripError> {
+    if mask.shape != head.shape {
+        return Err(SkullStripError::ShapeMismatch {
+            what: "mask",
+            got: mask.shape,
+            want: head.shape,
+        });
+    }
+    let found = extract(head, params)?;
+    let bits = to_bits(mask);
+    let outside =
+        bits.iter().filter(|&&b| b).count() - found.crop.take(&bits).iter().filter(|&&b| b).count();
+    let within = found.crop.take(&bits);
+    let cap = fitted_cap(params.refine.csf_margin_mm);
+    let scores: Vec<(f64, f64)> = (0..=20)
+        .into_par_iter()
+        .map(|step| {
+            let fraction = step as f64 * 0.05;
+            let ours = found.mask(fraction, cap);
+            let (both, n) = ours
+                .iter()
+                .zip(&within)
+                .fold((0usize, 0usize), |(b, n), (&o, &w)| {
+                    (b + (o && w) as usize, n + o as usize)
+                });
+            let reference = within.iter().filter(|&&w| w).count() + outside;
+            (fraction, 2.0 * both as f64 / (n + reference).max(1) as f64)
+        })
+        .collect();
+    let best = scores.into_iter().fold(
+        (0.0, f64::NEG_INFINITY),
+        |a, b| if b.1 > a.1 { b } else { a },
+    );
+    debug!(
+        csf_fraction = best.0,
+        dice = best.1,
+        "CSF share fitted to a mask"
+    );
+    Ok(best)
+}
+
+/// How deep (mm) the dark layer may be taken when the CSF share is fitted to another tool's
+/// masks: deep enough for a share near 1 on a wide layer (fsaverage's is about 8 mm).
+pub(crate) fn fitted_cap(csf_margin_mm: f64) -> f64 {
+    csf_margin_mm.max(12.0)
 }
 
 /// Voxels within a sphere around the centre of mass of `head_bits`, with a radius of half
@@ -483,6 +583,21 @@ fn refine_bits(
     levels: Option<Levels>,
     trusted: bool,
 ) -> Result<Vec<bool>, SkullStripError> {
+    let (hull, band) = hull_bits(head, bits, params, found, levels, trusted)?;
+    let out = band.take(&hull, params.csf_fraction, params.csf_margin_mm);
+    Ok(fill_holes_bits(&largest_bits(&out, head.shape), head.shape))
+}
+
+/// [`refine_bits`] up to the closed, filled hull of the brain, with the dark layer around it
+/// measured.
+fn hull_bits(
+    head: &Volume,
+    bits: &[bool],
+    params: &RefineParams,
+    found: Head,
+    levels: Option<Levels>,
+    trusted: bool,
+) -> Result<(Vec<bool>, DarkBand), SkullStripError> {
     let (shape, spacing) = (head.shape, head.voxel_size());
     let data = head.frame(0);
     if !bits.contains(&true) {
@@ -547,43 +662,58 @@ fn refine_bits(
         &close_bits(&brain, shape, spacing, params.closing_mm),
         shape,
     );
-    let out = take_dark_band(&hull, data, levels.tissue_lo, shape, spacing, params);
-    Ok(fill_holes_bits(&largest_bits(&out, shape), shape))
+    let band = DarkBand::measure(&hull, data, levels.tissue_lo, shape, spacing);
+    Ok((hull, band))
 }
 
-/// `hull` plus the inner part of the dark band around it: dark voxels (at most `dark`)
-/// whose distance to the hull is at most `params.csf_fraction` of the band's local width
-/// (distance to the hull plus distance to the nearest brighter voxel outside it), and at
-/// most `params.csf_margin_mm`. T1 does not tell CSF from cortical bone, so the inner skull
-/// surface is placed at a fixed fraction of the dark layer between brain and scalp.
-fn take_dark_band(
-    hull: &[bool],
-    data: &[f32],
-    dark: f64,
-    shape: [usize; 3],
-    spacing: [f64; 3],
-    params: &RefineParams,
-) -> Vec<bool> {
-    let bright: Vec<bool> = hull
-        .par_iter()
-        .zip(data)
-        .map(|(&h, &x)| !h && x as f64 > dark)
-        .collect();
-    // Limitation: one fraction for the whole band; the three reference masks want 0 (colin27)
-    // to 1 (fsaverage), so no value matches all of them (see the module documentation).
-    let to_hull = squared_distance(hull, shape, spacing);
-    let to_bright = squared_distance(&bright, shape, spacing);
-    let (alpha, cap) = (params.csf_fraction as f32, params.csf_margin_mm as f32);
-    (0..hull.len())
-        .into_par_iter()
-        .map(|idx| {
-            if hull[idx] {
-                return true;
-            }
-            let (d_in, d_out) = (to_hull[idx].sqrt(), to_bright[idx].sqrt());
-            !bright[idx] && d_in <= cap && d_in <= alpha * (d_in + d_out)
-        })
-        .collect()
+/// The dark layer (CSF and bone, at most `dark`) around a brain's hull: per voxel, the
+/// distance to the hull and to the nearest brighter voxel outside it. T1 does not tell CSF
+/// from cortical bone, so the inner skull surface is placed at a share of this layer's
+/// local width.
+struct DarkBand {
+    bright: Vec<bool>,
+    to_hull: Vec<f32>,
+    to_bright: Vec<f32>,
+}
+
+impl DarkBand {
+    fn measure(
+        hull: &[bool],
+        data: &[f32],
+        dark: f64,
+        shape: [usize; 3],
+        spacing: [f64; 3],
+    ) -> DarkBand {
+        let bright: Vec<bool> = hull
+            .par_iter()
+            .zip(data)
+            .map(|(&h, &x)| !h && x as f64 > dark)
+            .collect();
+        DarkBand {
+            to_hull: squared_distance(hull, shape, spacing),
+            to_bright: squared_distance(&bright, shape, spacing),
+            bright,
+        }
+    }
+
+    /// `hull` plus the dark voxels whose distance to it is at most `fraction` of the layer's
+    /// local width (distance to the hull plus distance to the next brighter voxel), and at
+    /// most `cap_mm`.
+    // Limitation: one share for the whole layer; the three reference masks want 0 (colin27)
+    // to 0.7 (fsaverage), so no value matches all of them (see the module documentation).
+    fn take(&self, hull: &[bool], fraction: f64, cap_mm: f64) -> Vec<bool> {
+        let (alpha, cap) = (fraction as f32, cap_mm as f32);
+        (0..hull.len())
+            .into_par_iter()
+            .map(|idx| {
+                if hull[idx] {
+                    return true;
+                }
+                let (d_in, d_out) = (self.to_hull[idx].sqrt(), self.to_bright[idx].sqrt());
+                !self.bright[idx] && d_in <= cap && d_in <= alpha * (d_in + d_out)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

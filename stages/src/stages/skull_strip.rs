@@ -25,7 +25,7 @@ use serde::Deserialize;
 use crate::io::read_volume;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
-use crate::skullstrip::{AtlasHead, AtlasParams, atlas, auto, dilate_mm, refine_boundary};
+use crate::skullstrip::{AtlasHead, AtlasParams, Edge, atlas, auto, dilate_mm, refine_boundary};
 use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
 use crate::volume::Volume;
 
@@ -61,7 +61,8 @@ use crate::volume::Volume;
 ///
 /// [nodes.stripped.atlas]              # optional: crate::skullstrip::AtlasParams
 /// register.resolution_mm = 2.0
-/// boundary.csf_fraction = 0.45
+/// boundary.csf_fraction = 0.45         # how much of the CSF layer is brain (0 to 1)
+/// edge = "atlases"                     # or take that share from the atlases' own masks
 /// ```
 ///
 /// With one atlas's brain and a registration made elsewhere
@@ -282,7 +283,7 @@ impl SkullStrip {
     fn other_heads_mask(&self, ctx: &Context<'_>, scan: &Scan) -> Result<Volume, StageError> {
         let heads = self
             .atlas_heads
-            .get_or_init(|| load_atlases(&self.config.atlases).map(Arc::new))
+            .get_or_init(|| load_atlases(&self.config.atlases, &self.config.atlas).map(Arc::new))
             .clone()
             .map_err(StageError::Input)?;
         let own = same_file(&scan.image.header.path);
@@ -331,8 +332,9 @@ impl SkullStrip {
     }
 }
 
-/// Reads every atlas head and its mask (binarised: inside where the file's value is > 0).
-fn load_atlases(list: &[AtlasHeadConfig]) -> Result<Vec<AtlasHead>, String> {
+/// Reads every atlas head and its mask (binarised: inside where the file's value is > 0),
+/// and, when the masks' edge convention is followed, measures each one's edge once.
+fn load_atlases(list: &[AtlasHeadConfig], params: &AtlasParams) -> Result<Vec<AtlasHead>, String> {
     list.iter()
         .map(|a| {
             let image = read_volume(&a.image).map_err(|e| format!("atlas {}: {e}", a.id))?;
@@ -347,11 +349,12 @@ fn load_atlases(list: &[AtlasHeadConfig]) -> Result<Vec<AtlasHead>, String> {
                     image.shape
                 ));
             }
-            Ok(AtlasHead {
-                id: a.id.clone(),
-                mask: binarize(&mask),
-                image,
-            })
+            let mut head = AtlasHead::new(a.id.clone(), image, binarize(&mask));
+            if params.edge == Edge::Atlases {
+                head.measure_edge(&params.boundary)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(head)
         })
         .collect()
 }
@@ -479,6 +482,13 @@ mod tests {
             "other boundary defaults kept"
         );
         assert_eq!(config.atlas.register.deformable.levels, [4, 2]);
+        assert_eq!(config.atlas.edge, Edge::Subject);
+        let edge = list.replace("[atlas]", "[atlas]\nedge = \"atlases\"");
+        let config_edge: SkullStripConfig = toml::from_str(&edge).unwrap();
+        assert_eq!(config_edge.atlas.edge, Edge::Atlases);
+        let err = toml::from_str::<SkullStripConfig>(&edge.replace("\"atlases\"", "\"bet\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("subject") && err.to_string().contains("atlases"));
         let typo = list.replace("csf_fraction", "csf_fractoin");
         let err = toml::from_str::<SkullStripConfig>(&typo).unwrap_err();
         assert!(err.to_string().contains("csf_fractoin"), "{err}");
