@@ -187,6 +187,9 @@ pub fn load_scan(
                 s.n_inf
             )));
         }
+        if what == "labels" {
+            check_label_values(&volume.data, path)?;
+        }
         // Limitation: a companion on the same shape but another affine is assumed to be on
         // the image's grid (a header difference, as in some releases) and only warned about.
         if !affines_agree(&volume, &image) {
@@ -229,6 +232,21 @@ fn check_finite(image: &mut Volume, path: &Path, policy: NonFinite) -> Result<()
     }
 }
 
+/// A label map holds whole, non-negative numbers; anything else (a map resampled with
+/// linear interpolation, a probability map) would be truncated to wrong labels downstream.
+fn check_label_values(data: &[f32], path: &Path) -> Result<(), StageError> {
+    let is_bad = |v: f32| v < 0.0 || (v - v.round()).abs() > 1e-3;
+    let bad = data.iter().filter(|&&v| is_bad(v)).count();
+    match data.iter().find(|&&v| is_bad(v)) {
+        None => Ok(()),
+        Some(example) => Err(StageError::Data(format!(
+            "labels {}: {bad} voxels are not whole non-negative numbers (e.g. {example}); a \
+             label map must hold label ids (was it resampled with linear interpolation?)",
+            path.display()
+        ))),
+    }
+}
+
 /// Whether two volumes' affines agree to a thousandth of a millimetre.
 fn affines_agree(a: &Volume, b: &Volume) -> bool {
     (a.affine - b.affine).abs().max() < 1e-3
@@ -266,6 +284,29 @@ mod tests {
         assert!(text.contains("t1.nii") && text.contains("2 NaN"), "{text}");
         check_finite(&mut v, Path::new("t1.nii"), NonFinite::Zero).unwrap();
         assert_eq!(v.data, [1.0, 0.0, 0.0, 2.0]);
+    }
+
+    #[test]
+    fn labels_that_are_not_whole_numbers_fail_naming_the_file() {
+        use crate::volume::DataType;
+        let dir = tempfile::tempdir().unwrap();
+        let image = Volume::new(vec![1.0; 8], [2, 2, 2], Affine::identity());
+        let (img, lab) = (dir.path().join("t1.nii"), dir.path().join("seg.nii"));
+        crate::io::write_nifti(&img, &image, DataType::Float32).unwrap();
+        let mut labels = vec![0.0, 2.0, 41.0, 2.0, 0.0, 0.0, 17.0, 0.0];
+        crate::io::write_nifti(&lab, &image.with_data(labels.clone()), DataType::Float32).unwrap();
+        let scan = load_scan(&img, Some(&lab), None, NonFinite::Error).unwrap();
+        assert_eq!(scan.labels.unwrap().data, labels, "whole float labels pass");
+        labels[2] = 2.5;
+        labels[5] = -1.0;
+        crate::io::write_nifti(&lab, &image.with_data(labels), DataType::Float32).unwrap();
+        let err = load_scan(&img, Some(&lab), None, NonFinite::Error)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("seg.nii") && err.contains("2 voxels") && err.contains("2.5"),
+            "{err}"
+        );
     }
 
     #[test]
