@@ -36,8 +36,9 @@
 //!   nor removed (`voxflow cache clear` removes them);
 //! - two runs sharing a folder each evict by what they see at their end, so one may evict an
 //!   entry the other was about to read (it then recomputes it);
-//! - a change in a stage's code that changes its output without a voxflow version bump is not
-//!   seen by the key: bump [`FORMAT_VERSION`] with such a change, or clear the cache;
+//! - a change in a stage's code is seen through a hash of the stages' source and of
+//!   `Cargo.lock` taken at build time (`VOXFLOW_CODE`, see `build.rs`), so every rebuild
+//!   that touches them starts from an empty cache, even a change of a comment;
 //! - a file rewritten within the same nanosecond with the same size keeps its key;
 //! - a volume two nodes share in memory on a cold run (`normalize` passes labels through)
 //!   is stored in each node's entry and read back as two copies on a warm run: the bundled
@@ -358,9 +359,15 @@ fn node_digest(kind: &str, params: &toml::Table) -> Option<[u8; 32]> {
     if !CACHEABLE.contains(&kind) {
         return None;
     }
+    node_digest_of(env!("VOXFLOW_CODE"), kind, params)
+}
+
+/// [`node_digest`] for the stages' code identified by `code`.
+fn node_digest_of(code: &str, kind: &str, params: &toml::Table) -> Option<[u8; 32]> {
     let mut h = Sha256::new();
     field(&mut h, format!("voxflow-cache {FORMAT_VERSION}").as_bytes());
     field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
+    field(&mut h, code.as_bytes());
     field(&mut h, kind.as_bytes());
     let text = toml::to_string(params).ok()?;
     field(&mut h, text.as_bytes());
@@ -455,6 +462,17 @@ mod tests {
             Some(a)
         );
         assert_eq!(node_digest("register", &params("")), None, "never cached");
+        let p = params("percentiles = [0.5, 99.5]");
+        assert_eq!(
+            node_digest_of(env!("VOXFLOW_CODE"), "normalize", &p),
+            Some(a)
+        );
+        assert_ne!(
+            node_digest_of("0123456789abcdef", "normalize", &p),
+            Some(a),
+            "another build's stages never share entries"
+        );
+        assert_eq!(env!("VOXFLOW_CODE").len(), 16);
     }
 
     #[test]
