@@ -40,13 +40,30 @@ fn grid() -> Grid {
     }
 }
 
+/// The phantom with a smooth texture inside its blobs (±50 % at most, wavelengths of 16 to
+/// 25 mm). A displacement inside a flat region changes nothing a similarity measure sees,
+/// so a deformation can only be recovered, and checked, where the image has texture.
+fn textured(p: [f64; 3]) -> f32 {
+    let t = (p[0] / 3.0).sin() * (p[1] / 3.5).sin() + (p[2] / 2.5).sin() * (p[0] / 4.0).cos();
+    phantom(p) * (1.0 + 0.25 * t as f32)
+}
+
 /// The phantom seen through `map` (fixed world → phantom world), on `grid`.
 fn image(grid: &Grid, map: impl Fn([f64; 3]) -> [f64; 3]) -> Volume {
+    image_of(phantom, grid, map)
+}
+
+/// The image `intensity` seen through `map`, on `grid`.
+fn image_of(
+    intensity: fn([f64; 3]) -> f32,
+    grid: &Grid,
+    map: impl Fn([f64; 3]) -> [f64; 3],
+) -> Volume {
     let mut data = Vec::with_capacity(grid.len());
     for k in 0..grid.shape[2] {
         for j in 0..grid.shape[1] {
             for i in 0..grid.shape[0] {
-                data.push(phantom(map(apply(
+                data.push(intensity(map(apply(
                     &grid.affine,
                     [i as f64, j as f64, k as f64],
                 ))));
@@ -143,13 +160,15 @@ fn bump(p: [f64; 3]) -> [f64; 3] {
     [3.5 * g, -2.5 * g, 0.0]
 }
 
+// On the untextured phantom this test failed (3.4 mm off, the field even pointing the wrong
+// way inside the large blob, whose intensity varies by 0.15 over 30 mm): the aperture
+// problem, not a registration fault, hence the textured phantom.
 #[test]
-#[ignore = "known failure: 4.5 mm max error inside the phantom (bump of 3.5 mm), cause not yet found"]
 fn recovers_a_smooth_deformation_and_its_inverse() {
     let g = grid();
-    let fixed = image(&g, |p| p);
+    let fixed = image_of(textured, &g, |p| p);
     // moving(p + bump(p)) = phantom(p): sample the phantom at the inverse of id + bump.
-    let moving = image(&g, |q| {
+    let moving = image_of(textured, &g, |q| {
         let mut p = q;
         for _ in 0..50 {
             let b = bump(p);
@@ -174,7 +193,18 @@ fn recovers_a_smooth_deformation_and_its_inverse() {
         [p[0] + b[0], p[1] + b[1], p[2] + b[2]]
     };
     let err = max_error(&t, want);
-    assert!(err < 2.0, "max error {err} mm");
+    let identity = Transform {
+        affine: Affine::identity(),
+        displacement: None,
+        inverse: None,
+        fixed_grid: g,
+        quality: Default::default(),
+    };
+    let before = max_error(&identity, want);
+    assert!(
+        err < 2.0 && err < 0.5 * before,
+        "max error {err} mm, {before} mm unregistered"
+    );
     assert!(t.quality.nonpositive_jacobian_pct < 0.01);
 
     let warped = warp(&moving, &t, &g, Interp::Linear);
