@@ -30,9 +30,9 @@
 //! the cap says so: the next run will recompute part of them.
 //!
 //! Known shortcomings, in plain words:
-//! - the cap is enforced at the end of a run, so during a run the folder grows by what the
-//!   run stores (a run that dies before its end evicts nothing; the next one does); sizes are
-//!   file lengths, not disk blocks; `.tmp-*` folders left by killed runs are neither counted
+//! - during a run the cap is enforced each time the run has stored a tenth of it, so the
+//!   folder exceeds it by at most that much plus the entries being written at that moment;
+//!   sizes are file lengths, not disk blocks; `.tmp-*` folders left by killed runs are neither counted
 //!   nor removed (`voxflow cache clear` removes them);
 //! - two runs sharing a folder each evict by what they see at their end, so one may evict an
 //!   entry the other was about to read (it then recomputes it);
@@ -155,6 +155,10 @@ pub struct Cache {
     max_bytes: u64,
     /// Entries this run read or stored, to tell when the cap is smaller than one run needs.
     used: Mutex<HashSet<Key>>,
+    /// Bytes stored since the cap was last enforced during the run.
+    since_evict: AtomicU64,
+    /// Held while entries are evicted during the run, so one worker does it at a time.
+    evicting: Mutex<()>,
 }
 
 impl Cache {
@@ -199,6 +203,8 @@ impl Cache {
             stats,
             max_bytes: gb_to_bytes(max_gb),
             used: Mutex::default(),
+            since_evict: AtomicU64::new(0),
+            evicting: Mutex::default(),
         }
     }
 
@@ -262,6 +268,7 @@ impl Cache {
                 Ok(bytes) => {
                     stats.stored_bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.mark_used(key);
+                    self.keep_under_cap(bytes);
                 }
                 Err(e) => warn!(node = %self.nodes[node].name, error = %e,
                     "Cannot store in the volume cache; the run goes on without it"),
@@ -295,11 +302,37 @@ impl Cache {
             .insert(key);
     }
 
+    /// During a run: once a tenth of the cap has been stored since the last check, brings
+    /// the folder under its cap again, so a run over a dataset larger than the cap never
+    /// fills the disk. Runs on the worker that stored (a file-system walk, no async thread);
+    /// a worker that finds another one evicting goes on.
+    fn keep_under_cap(&self, stored: u64) {
+        let since = self.since_evict.fetch_add(stored, Ordering::Relaxed) + stored;
+        if since < (self.max_bytes / 10).max(1) {
+            return;
+        }
+        let Ok(_one) = self.evicting.try_lock() else {
+            return;
+        };
+        self.since_evict.store(0, Ordering::Relaxed);
+        self.evict_quietly();
+    }
+
     /// Brings the cache folder under its size cap: evicts whole entries, least recently used
     /// first (this run's own entries were all used during it, so they go last), and logs what
     /// went. Warns when this run's own entries alone exceed the cap. Problems are logged; the
     /// run never fails for them. Blocks on the file system: call it off the async threads.
     pub fn evict(&self) {
+        self.evict_to_cap(true);
+    }
+
+    /// [`Cache::evict`] in the middle of a run: no warning that the run needs more than the
+    /// cap (the end of the run says it once), and what went is logged at debug level.
+    fn evict_quietly(&self) {
+        self.evict_to_cap(false);
+    }
+
+    fn evict_to_cap(&self, end_of_run: bool) {
         let Some(dir) = &self.dir else { return };
         let listed = match store::entries(dir) {
             Ok(l) => l,
@@ -317,7 +350,7 @@ impl Cache {
                 .sum()
         };
         let cap_gb = self.max_bytes as f64 / 1e9;
-        if own > self.max_bytes {
+        if end_of_run && own > self.max_bytes {
             warn!(
                 cap_gb,
                 run_gb = own as f64 / 1e9,
@@ -326,7 +359,14 @@ impl Cache {
             );
         }
         let done = store::evict(listed, self.max_bytes);
-        if done.entries > 0 {
+        if !end_of_run {
+            debug!(
+                entries = done.entries,
+                evicted_mb = done.bytes / 1_000_000,
+                left_mb = done.left / 1_000_000,
+                "Volume cache kept under its cap during the run"
+            );
+        } else if done.entries > 0 {
             info!(
                 entries = done.entries,
                 evicted_mb = done.bytes / 1_000_000,
@@ -490,6 +530,8 @@ mod tests {
             stats: vec![NodeStats::default()],
             max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
             used: Mutex::default(),
+            since_evict: AtomicU64::new(0),
+            evicting: Mutex::default(),
         };
         assert!(cache.key(0, "s1", &[Some(k)]).is_some());
         assert_ne!(
@@ -498,6 +540,13 @@ mod tests {
         );
         assert_eq!(cache.key(0, "s1", &[Some(k), None]), None);
         assert_eq!(k.hex().len(), 64);
+    }
+
+    fn probe(value: Result<Value, StageError>) -> voxflow_stages::stage::Scan {
+        match value {
+            Ok(Value::Scan(scan)) => (*scan).clone(),
+            _ => unreachable!("the test's values are scans"),
+        }
     }
 
     #[test]
@@ -513,6 +562,8 @@ mod tests {
             stats: vec![NodeStats::default()],
             max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
             used: Mutex::default(),
+            since_evict: AtomicU64::new(0),
+            evicting: Mutex::default(),
         };
         let scan = || {
             let v = voxflow_stages::volume::Volume::new(
@@ -539,6 +590,27 @@ mod tests {
         cache.evict();
         assert!(store::entries(tmp.path()).unwrap().is_empty());
         assert!(tmp.path().join("CACHEDIR.TAG").exists());
+        // During a run: a cap of three entries holds while ten are stored (each store past a
+        // tenth of the cap checks it), before any end-of-run eviction.
+        let one = store::write(tmp.path(), &Key::from_bytes(b"probe"), &probe(scan())).unwrap();
+        store::remove(tmp.path(), &Key::from_bytes(b"probe"));
+        cache.max_bytes = 3 * one;
+        for i in 0..10u8 {
+            cache
+                .get_or_compute(0, Some(Key::from_bytes(&[b'k', i])), scan)
+                .unwrap();
+            let sizes = store::entries(tmp.path()).unwrap();
+            assert!(
+                sizes.iter().map(|e| e.bytes).sum::<u64>() <= 3 * one,
+                "after {i}"
+            );
+        }
+        assert_eq!(store::entries(tmp.path()).unwrap().len(), 3);
+        assert!(
+            store::read(tmp.path(), &Key::from_bytes(&[b'k', 9]))
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(Key::from_hex(&a.hex()), Some(a));
         assert_eq!(Key::from_hex(&a.hex().to_uppercase()), Some(a));
         assert_eq!(Key::from_hex("xy"), None);
