@@ -494,6 +494,51 @@ fn batch_on_a_node_that_cannot_batch_is_named_with_its_line() {
     );
 }
 
+/// `device = "cuda"` where libtorch sees none stops `run` before its first subject, naming
+/// the node and the line (it used to fail every subject in turn and exit 1); `auto` and `cpu`
+/// still pass.
+#[test]
+fn cuda_without_a_cuda_device_stops_the_run_before_any_subject() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let with_device = |device: &'static str| {
+        move |p: String| {
+            p.replace(
+                "type = \"register\"",
+                &format!("type = \"register\"\ndevice = \"{device}\""),
+            )
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("broken.toml");
+    let cuda = with_device("cuda")(oneshot(&data(), "oasis_like_subject", 4.0, &out));
+    std::fs::write(&pipeline, cuda).unwrap();
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    let msg = text(&run);
+    assert_eq!(run.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("node `register`") && msg.contains("no CUDA device"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "type = \"register\"") + 1,
+        "{msg}"
+    );
+    assert!(!msg.contains("Starting run"), "{msg}");
+    assert!(!out.join("oasis_like_subject").exists(), "{msg}");
+
+    for device in ["auto", "cpu"] {
+        let (code, msg) = broken(with_device(device));
+        assert_eq!(code, Some(0), "{device}: {msg}");
+    }
+}
+
 #[test]
 fn validate_lists_settings_and_graph_problems_together() {
     let (code, msg) = broken(|p| {

@@ -185,6 +185,11 @@ impl StageConfig for SkullStripConfig {
                 problems.join("; ")
             )));
         }
+        if let Some(problem) = self.atlas.register.device.unavailable() {
+            return Err(BuildError::Invalid(format!(
+                "skull_strip: atlas.register: {problem}"
+            )));
+        }
         Ok(Arc::new(SkullStrip {
             config: self,
             mask_file: OnceLock::new(),
