@@ -539,6 +539,83 @@ fn cuda_without_a_cuda_device_stops_the_run_before_any_subject() {
     }
 }
 
+/// `skull_strip` with `method = "mask"` on scans whose dataset names no mask would fail every
+/// subject: `validate` names the node and its line. A dataset `mask` or a `mask` file on the
+/// node passes, and a subject whose declared mask file is missing still fails alone.
+#[test]
+fn skull_strip_mask_without_any_mask_is_named_with_its_line() {
+    let strip = "\n[nodes.strip]\ntype = \"skull_strip\"\ninputs = [\"oriented\"]\n";
+    let with_strip = |p: String| format!("{p}{strip}");
+    let (code, msg) = broken(with_strip);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `strip`") && msg.contains("method = \"mask\""),
+        "{msg}"
+    );
+    let lines = oneshot(&data(), "x", 4.0, Path::new("o")).lines().count();
+    assert_eq!(
+        first_error_line(&msg),
+        lines + 4,
+        "the strip node's inputs: {msg}"
+    );
+
+    let (code, msg) = broken(|p| {
+        with_strip(p).replace(
+            "labels = \"seg.nii.gz\"",
+            "labels = \"seg.nii.gz\"\nmask = \"seg.nii.gz\"",
+        )
+    });
+    assert_eq!(code, Some(0), "a dataset mask: {msg}");
+    let mask_file = format!(
+        "mask = \"{}\"\n",
+        data().join("oasis_like_subject/seg.nii.gz").display()
+    );
+    let (code, msg) = broken(|p| format!("{}{mask_file}", with_strip(p)));
+    assert_eq!(code, Some(0), "a mask file: {msg}");
+
+    // Declared but missing for the subject: that subject fails in `load`, naming the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("p.toml");
+    let missing = with_strip(oneshot(&data(), "oasis_like_subject", 4.0, &out)).replace(
+        "labels = \"seg.nii.gz\"",
+        "labels = \"seg.nii.gz\"\nmask = \"brainmask.nii.gz\"",
+    );
+    std::fs::write(&pipeline, missing).unwrap();
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    let json = report(&out);
+    assert_eq!(json["failures"][0]["node"], "scan", "{json:#}");
+    let reason = json["failures"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("brainmask.nii.gz"), "{reason}");
+}
+
+/// A `write` fed nothing it can write (Dice scores only) is named with its line.
+#[test]
+fn a_write_with_nothing_to_write_is_named_with_its_line() {
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "type = \"write\"\ninputs = [\"segment\"]",
+            "type = \"write\"\ninputs = [\"dice\"]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `write`")
+            && msg.contains("no input gives a segmentation or a scan")
+            && msg.contains("Dice scores"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "type = \"write\"") + 1,
+        "{msg}"
+    );
+}
+
 #[test]
 fn validate_lists_settings_and_graph_problems_together() {
     let (code, msg) = broken(|p| {

@@ -76,6 +76,7 @@ impl Stage for Report {
             kinds: &[],
             rest: Some(crate::stage::ValueKind::Scores),
             subject: &[],
+            one_of: &[],
         })
     }
 
