@@ -353,10 +353,15 @@ pub struct SubjectOutcome {
 pub struct RunSummary {
     /// Pipeline name.
     pub pipeline: String,
-    /// One outcome per subject, in the order subjects finished.
+    /// One outcome per subject that went through every node, in the order they finished.
     pub subjects: Vec<SubjectOutcome>,
     /// Wall-clock time of the whole run.
     pub elapsed: Duration,
+    /// Whether a signal stopped the run before every subject finished.
+    pub interrupted: bool,
+    /// Subjects the interruption stopped before their last node, or before their first: none
+    /// of their results count (files a node already wrote for them stay, each complete).
+    pub not_run: Vec<String>,
 }
 
 /// A stage failed for one subject.
