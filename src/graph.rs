@@ -2,8 +2,10 @@
 //!
 //! [`Pipeline::build`] is phases 4–6 of [`crate::config`]: it builds every node's stage (so
 //! the stage's own config reports unknown or missing parameters), checks that every input
-//! names a node, that there is no cycle and at most one source, and that every file a stage
-//! will read exists. It returns every problem found, each located in the file.
+//! names a node, that there is no cycle and at most one source, that every file a stage
+//! will read exists, and that each node's inputs can work: their number and kinds, and what
+//! is known of them before anything runs (a scan that carries no brain mask where one is
+//! needed). It returns every problem found, each located in the file.
 //!
 //! A node is *per subject* when it is the source or has a per-subject input, and *constant*
 //! otherwise: constant nodes (the atlas and what is derived from it alone) run once and
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use voxflow_stages::registry::{self, BuildError};
-use voxflow_stages::stage::{InputSpec, Stage};
+use voxflow_stages::stage::{InputSpec, Stage, ValueFacts, ValueKind};
 
 use crate::config::{ConfigError, ConfigErrors, NodeSpec, PipelineFile, Settings};
 
@@ -141,6 +143,9 @@ impl Pipeline {
             ));
         }
 
+        if acyclic {
+            check_input_facts(&file, &stages, &edges, &order, &mut errors);
+        }
         if acyclic && !sources.is_empty() {
             check_subject_inputs(
                 &file,
@@ -327,6 +332,64 @@ fn check_subject_inputs(
             }
         }
     }
+}
+
+/// Works out, from the source down, what is known of each node's value
+/// ([`ValueFacts`]: its kind, whether its scans carry a brain mask), and reports nodes whose
+/// inputs would fail every subject: none of the kinds [`InputSpec::one_of`] asks for (a
+/// `write` fed only Dice scores), or what the stage's own [`Stage::input_problem`] finds (a
+/// `skull_strip` with `method = "mask"` on scans that carry no mask). Nodes whose inputs are
+/// already reported (an unknown name, a wrong count) are not checked again.
+fn check_input_facts(
+    file: &PipelineFile,
+    stages: &[Option<Arc<dyn Stage>>],
+    edges: &[Vec<usize>],
+    order: &[usize],
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut facts = vec![ValueFacts::default(); file.nodes.len()];
+    for &i in order {
+        let Some(stage) = &stages[i] else {
+            continue;
+        };
+        let node = &file.nodes[i];
+        let inputs: Vec<ValueFacts> = edges[i].iter().map(|&j| facts[j]).collect();
+        facts[i] = ValueFacts {
+            kind: stage.output(),
+            mask: stage.output_mask(&inputs),
+        };
+        let spec = stage.inputs();
+        let counted = spec.is_none_or(|s| (s.min..=s.max).contains(&inputs.len()));
+        if inputs.len() != node.inputs.len() || !counted {
+            continue;
+        }
+        let missing = spec.and_then(|spec| missing_kind_message(spec, &inputs));
+        for message in missing.into_iter().chain(stage.input_problem(&inputs)) {
+            errors.push(file.error_at(node, Some("inputs"), message));
+        }
+    }
+}
+
+/// Why no input is of a kind `spec` needs one of ([`InputSpec::one_of`]), if none is; `None`
+/// when one is, or when an input's kind is not known.
+fn missing_kind_message(spec: InputSpec, inputs: &[ValueFacts]) -> Option<String> {
+    if spec.one_of.is_empty() {
+        return None;
+    }
+    let kinds: Vec<ValueKind> = inputs.iter().map(|f| f.kind).collect::<Option<_>>()?;
+    if kinds.iter().any(|k| spec.one_of.contains(k)) {
+        return None;
+    }
+    let wanted: Vec<&str> = spec.one_of.iter().map(|k| k.described()).collect();
+    let mut given: Vec<&str> = kinds.iter().map(|k| k.described()).collect();
+    given.sort_unstable();
+    given.dedup();
+    Some(format!(
+        "no input gives {}: the inputs give only {}, so every subject would fail (inputs: {})",
+        wanted.join(" or "),
+        given.join(" and "),
+        spec.what
+    ))
 }
 
 /// Reports a node whose number of `inputs` its type does not take.

@@ -3,14 +3,16 @@
 //! Exit status: 0 when everything succeeded; 1 when a run finished but some subject failed
 //! (each failure is logged with its reason and listed in the report); 2 for a broken
 //! pipeline file, bad usage, an unreadable file given to `inspect`, or any error that stopped
-//! the run as a whole.
+//! the run as a whole; 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) when a signal stopped a run
+//! before every subject finished (the report lists those that did; see
+//! [`voxflow::run::interrupt`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use voxflow::run::{ProgressWriter, RunOptions};
+use voxflow::run::{Interrupt, ProgressWriter, RunOptions};
 
 /// Whole-dataset 3D medical-imaging pipelines declared in files.
 #[derive(Parser)]
@@ -231,20 +233,26 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
             };
             set_threads(threads);
             let runtime = tokio::runtime::Runtime::new()?;
-            let outcome = runtime.block_on(voxflow::run::run(
-                pipeline,
-                RunOptions {
-                    output,
-                    bars,
-                    no_cache,
-                    cache_max_gb,
-                },
-            ))?;
+            let interrupt = Interrupt::default();
+            let options = RunOptions {
+                output,
+                bars,
+                no_cache,
+                cache_max_gb,
+                interrupt: interrupt.clone(),
+            };
+            let outcome = runtime.block_on(async {
+                if let Err(e) = interrupt.listen() {
+                    tracing::warn!(error = %e, "Cannot catch SIGINT and SIGTERM; they stop the \
+                        run at once, without a report");
+                }
+                voxflow::run::run(pipeline, options).await
+            })?;
             print_outcome(&outcome);
-            Ok(if outcome.failed() > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
+            Ok(match outcome.interrupted {
+                Some(signal) => ExitCode::from(signal.exit_code()),
+                None if outcome.failed() > 0 => ExitCode::from(1),
+                None => ExitCode::SUCCESS,
             })
         }
     }
@@ -314,6 +322,13 @@ fn print_outcome(outcome: &voxflow::run::RunOutcome) {
         outcome.failed(),
         outcome.summary.elapsed.as_secs_f64()
     );
+    if let Some(signal) = outcome.interrupted {
+        println!(
+            "interrupted by {}: {} subjects not run",
+            signal.name(),
+            outcome.summary.not_run.len()
+        );
+    }
     if !scored.is_empty() {
         let mean = scored.iter().sum::<f64>() / scored.len() as f64;
         println!("mean Dice after registration: {mean:.3}");

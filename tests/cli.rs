@@ -19,18 +19,25 @@ fn data() -> PathBuf {
 /// Runs voxflow in `cwd`. Its default volume cache goes under `cwd` when that is a temporary
 /// folder, and nowhere near the user's own cache otherwise.
 fn voxflow(args: &[&str], cwd: &Path) -> Output {
+    command(args, cwd)
+        .output()
+        .expect("the voxflow binary runs")
+}
+
+/// The `voxflow` command [`voxflow`] runs, not started yet.
+fn command(args: &[&str], cwd: &Path) -> Command {
     let xdg = if cwd.starts_with(std::env::temp_dir()) {
         cwd.join(".xdg-cache")
     } else {
         std::env::temp_dir().join("voxflow-cli-tests-xdg-cache")
     };
-    Command::new(env!("CARGO_BIN_EXE_voxflow"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_voxflow"));
+    command
         .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
-        .env("XDG_CACHE_HOME", xdg)
-        .output()
-        .expect("the voxflow binary runs")
+        .env("XDG_CACHE_HOME", xdg);
+    command
 }
 
 fn text(out: &Output) -> String {
@@ -490,6 +497,128 @@ fn batch_on_a_node_that_cannot_batch_is_named_with_its_line() {
     assert_eq!(code, Some(2), "{msg}");
     assert!(
         msg.contains("`batch` must be a whole number from 1 to"),
+        "{msg}"
+    );
+}
+
+/// `device = "cuda"` where libtorch sees none stops `run` before its first subject, naming
+/// the node and the line (it used to fail every subject in turn and exit 1); `auto` and `cpu`
+/// still pass.
+#[test]
+fn cuda_without_a_cuda_device_stops_the_run_before_any_subject() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let with_device = |device: &'static str| {
+        move |p: String| {
+            p.replace(
+                "type = \"register\"",
+                &format!("type = \"register\"\ndevice = \"{device}\""),
+            )
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("broken.toml");
+    let cuda = with_device("cuda")(oneshot(&data(), "oasis_like_subject", 4.0, &out));
+    std::fs::write(&pipeline, cuda).unwrap();
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    let msg = text(&run);
+    assert_eq!(run.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("node `register`") && msg.contains("no CUDA device"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "type = \"register\"") + 1,
+        "{msg}"
+    );
+    assert!(!msg.contains("Starting run"), "{msg}");
+    assert!(!out.join("oasis_like_subject").exists(), "{msg}");
+
+    for device in ["auto", "cpu"] {
+        let (code, msg) = broken(with_device(device));
+        assert_eq!(code, Some(0), "{device}: {msg}");
+    }
+}
+
+/// `skull_strip` with `method = "mask"` on scans whose dataset names no mask would fail every
+/// subject: `validate` names the node and its line. A dataset `mask` or a `mask` file on the
+/// node passes, and a subject whose declared mask file is missing still fails alone.
+#[test]
+fn skull_strip_mask_without_any_mask_is_named_with_its_line() {
+    let strip = "\n[nodes.strip]\ntype = \"skull_strip\"\ninputs = [\"oriented\"]\n";
+    let with_strip = |p: String| format!("{p}{strip}");
+    let (code, msg) = broken(with_strip);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `strip`") && msg.contains("method = \"mask\""),
+        "{msg}"
+    );
+    let lines = oneshot(&data(), "x", 4.0, Path::new("o")).lines().count();
+    assert_eq!(
+        first_error_line(&msg),
+        lines + 4,
+        "the strip node's inputs: {msg}"
+    );
+
+    let (code, msg) = broken(|p| {
+        with_strip(p).replace(
+            "labels = \"seg.nii.gz\"",
+            "labels = \"seg.nii.gz\"\nmask = \"seg.nii.gz\"",
+        )
+    });
+    assert_eq!(code, Some(0), "a dataset mask: {msg}");
+    let mask_file = format!(
+        "mask = \"{}\"\n",
+        data().join("oasis_like_subject/seg.nii.gz").display()
+    );
+    let (code, msg) = broken(|p| format!("{}{mask_file}", with_strip(p)));
+    assert_eq!(code, Some(0), "a mask file: {msg}");
+
+    // Declared but missing for the subject: that subject fails in `load`, naming the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("p.toml");
+    let missing = with_strip(oneshot(&data(), "oasis_like_subject", 4.0, &out)).replace(
+        "labels = \"seg.nii.gz\"",
+        "labels = \"seg.nii.gz\"\nmask = \"brainmask.nii.gz\"",
+    );
+    std::fs::write(&pipeline, missing).unwrap();
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    let json = report(&out);
+    assert_eq!(json["failures"][0]["node"], "scan", "{json:#}");
+    let reason = json["failures"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("brainmask.nii.gz"), "{reason}");
+}
+
+/// A `write` fed nothing it can write (Dice scores only) is named with its line.
+#[test]
+fn a_write_with_nothing_to_write_is_named_with_its_line() {
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "type = \"write\"\ninputs = [\"segment\"]",
+            "type = \"write\"\ninputs = [\"dice\"]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `write`")
+            && msg.contains("no input gives a segmentation or a scan")
+            && msg.contains("Dice scores"),
+        "{msg}"
+    );
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "type = \"write\"") + 1,
         "{msg}"
     );
 }
@@ -966,4 +1095,138 @@ fn a_cache_over_its_cap_is_evicted_at_the_end_of_the_run() {
         "{}",
         text(&bad)
     );
+}
+
+/// Six copies of the real subject under `tmp/dataset`, and the one-shot pipeline on them.
+fn six_subjects(tmp: &Path, out: &Path) -> PathBuf {
+    for id in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        let dir = tmp.join("dataset").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["norm.nii.gz", "seg.nii.gz"] {
+            std::fs::copy(data().join("oasis_like_subject").join(name), dir.join(name)).unwrap();
+        }
+    }
+    let pipeline = tmp.join("six.toml");
+    std::fs::write(&pipeline, oneshot(&tmp.join("dataset"), "s*", 4.0, out)).unwrap();
+    pipeline
+}
+
+/// Starts `voxflow run` on `pipeline`, sends it `signal` (a `kill` name) once its log shows
+/// `when`, and returns its exit status, stdout and log.
+fn run_and_signal(pipeline: &Path, cwd: &Path, when: &str, signal: &str) -> (Option<i32>, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = command(&["run", pipeline.to_str().unwrap(), "--no-progress"], cwd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the voxflow binary starts");
+    let mut log = String::new();
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut sent = false;
+    let mut line = String::new();
+    while lines.read_line(&mut line).expect("the log is text") > 0 {
+        if !sent && line.contains(when) {
+            let kill = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(kill.success());
+            sent = true;
+        }
+        log.push_str(&line);
+        line.clear();
+    }
+    let status = child.wait().expect("voxflow ends");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(sent, "never saw {when:?}:\n{log}");
+    (status.code(), format!("{stdout}{log}"))
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Ctrl-C once the first subject is done: the run takes no more subjects, writes the report
+/// of those that finished with `"interrupted": true` and the rest as not run, leaves no
+/// temporary file, and exits 130.
+#[test]
+fn sigint_after_the_first_subject_writes_the_report_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = six_subjects(tmp.path(), &out);
+    let (code, log) = run_and_signal(&pipeline, tmp.path(), "Subject done", "INT");
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("interrupted by SIGINT"), "{log}");
+
+    let json = report(&out);
+    assert_eq!(json["interrupted"], true, "{json:#}");
+    let done: Vec<&str> = json["per_subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["subject"].as_str().unwrap())
+        .collect();
+    let not_run: Vec<&str> = json["not_run"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(done.first(), Some(&"s1"), "{json:#}");
+    assert!(!not_run.is_empty() && !not_run.contains(&"s1"), "{json:#}");
+    assert_eq!(done.len() + not_run.len(), 6, "{json:#}");
+    assert_eq!(json["subjects"]["total"], 6, "{json:#}");
+    assert_eq!(json["subjects"]["failed"], 0, "{json:#}");
+    assert!(json["per_subject"][0]["dice_after"].as_f64().unwrap() > 0.65);
+    let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .skip(1)
+            .all(|l| done.iter().any(|d| l.starts_with(d)))
+    );
+
+    // Nothing half-written: no temporary name left, and every volume reads back whole.
+    for file in files_under(&out) {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.contains(".tmp"), "left behind: {}", file.display());
+        if name.ends_with(".nii.gz") {
+            read_volume(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        }
+    }
+    assert!(out.join("s1/seg.nii.gz").exists());
+}
+
+/// SIGTERM (a scheduler stopping the job) before any subject finished: exit 143 and a
+/// report with every subject not run.
+#[test]
+fn sigterm_before_any_subject_finishes_reports_every_subject_not_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = six_subjects(tmp.path(), &out);
+    let (code, log) = run_and_signal(&pipeline, tmp.path(), "Starting run", "TERM");
+    assert_eq!(code, Some(143), "{log}");
+    let json = report(&out);
+    assert_eq!(json["interrupted"], true, "{json:#}");
+    assert_eq!(
+        json["not_run"].as_array().map(Vec::len),
+        Some(6),
+        "{json:#}"
+    );
+    assert_eq!(json["per_subject"], serde_json::json!([]), "{json:#}");
 }

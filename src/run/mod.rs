@@ -18,6 +18,11 @@
 //! node hold the only senders of the next channel, so it closes once they have all drained
 //! their input and exited. The collector ends when the last channel closes.
 //!
+//! Interrupted ([`Interrupt`], set by SIGINT or SIGTERM): the source sends no more subjects,
+//! and each node passes the records that reach it on without running its stage, so the
+//! channels drain and close as above. Subjects stopped this way are listed as not run; the
+//! sinks still write the report for those that finished (see [`interrupt`]).
+//!
 //! Compute stages (libtorch) run on dedicated OS threads that block on their channel; I/O
 //! stages run as async tasks that hand each call to the runtime's blocking pool. A stage that
 //! fails or panics marks the record failed; later nodes pass it through untouched and the
@@ -29,6 +34,7 @@
 //! the last subject, the cache folder is brought back under its size cap
 //! ([`Cache::evict`]), off the async threads.
 
+pub mod interrupt;
 mod progress;
 
 use std::panic::AssertUnwindSafe;
@@ -43,6 +49,7 @@ use voxflow_stages::stage::{
     Context, Inputs, RunSummary, StageKind, SubjectEntry, SubjectOutcome, Value,
 };
 
+pub use interrupt::{Interrupt, Signal};
 pub use progress::{Progress, ProgressWriter};
 
 use crate::cache::{Cache, Key};
@@ -59,6 +66,8 @@ pub struct RunOptions {
     pub no_cache: bool,
     /// Size cap of the volume cache in GB, replacing the file's `cache_max_gb`.
     pub cache_max_gb: Option<f64>,
+    /// Stops the run early when set (the CLI sets it on SIGINT or SIGTERM).
+    pub interrupt: Interrupt,
 }
 
 /// What a finished run produced.
@@ -70,6 +79,8 @@ pub struct RunOutcome {
     pub output: PathBuf,
     /// Files the sinks wrote at the end (reports).
     pub reports: Vec<PathBuf>,
+    /// The signal that stopped the run before every subject finished, if one did.
+    pub interrupted: Option<Signal>,
 }
 
 impl RunOutcome {
@@ -92,6 +103,15 @@ struct Record {
     keys: Vec<Option<Key>>,
     failure: Option<(String, String)>,
     timings: Vec<(String, f64)>,
+    /// The run was interrupted before this subject's last node: later nodes pass it on.
+    stopped: bool,
+}
+
+impl Record {
+    /// Whether nodes still work on it: neither failed nor stopped.
+    fn live(&self) -> bool {
+        self.failure.is_none() && !self.stopped
+    }
 }
 
 /// What every worker reads.
@@ -104,6 +124,7 @@ struct Shared {
     /// For each node, the index of the last per-subject node that reads it.
     last_use: Vec<usize>,
     progress: Progress,
+    interrupt: Interrupt,
 }
 
 /// Runs `pipeline` to the end.
@@ -149,10 +170,20 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         output: output.clone(),
         last_use,
         progress,
+        interrupt: options.interrupt.clone(),
     });
 
-    let collected = stream_subjects(shared.clone(), &stream, entries).await?;
+    let (collected, not_run) = stream_subjects(shared.clone(), &stream, entries).await?;
     shared.progress.finish();
+    let interrupted = options.interrupt.signal().filter(|_| !not_run.is_empty());
+    if let Some(signal) = interrupted {
+        warn!(
+            signal = signal.name(),
+            finished = collected.len(),
+            not_run = not_run.len(),
+            "Run interrupted; the report lists the subjects that finished"
+        );
+    }
     shared.cache.log_summary();
     let cache = shared.cache.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || cache.evict()).await {
@@ -163,12 +194,15 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         pipeline: shared.pipeline.settings.name.clone(),
         subjects: collected,
         elapsed: started.elapsed(),
+        interrupted: interrupted.is_some(),
+        not_run,
     };
     let reports = finish_sinks(&shared, &summary)?;
     Ok(RunOutcome {
         summary,
         output,
         reports,
+        interrupted,
     })
 }
 
@@ -273,14 +307,16 @@ fn last_uses(pipeline: &Pipeline) -> Vec<usize> {
     last
 }
 
+/// Streams every subject through the per-subject nodes; returns the outcomes of those that
+/// went through every node, and the ids of those an interrupt stopped (or never sent).
 async fn stream_subjects(
     shared: Arc<Shared>,
     stream: &[usize],
     entries: Vec<SubjectEntry>,
-) -> anyhow::Result<Vec<SubjectOutcome>> {
+) -> anyhow::Result<(Vec<SubjectOutcome>, Vec<String>)> {
     let nodes = &shared.pipeline.nodes;
     let Some(&source) = stream.iter().find(|&&i| nodes[i].source) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let default_capacity = shared.pipeline.settings.channel_capacity;
     let workers: Vec<usize> = stream.iter().copied().filter(|&i| i != source).collect();
@@ -297,39 +333,33 @@ async fn stream_subjects(
         rx = next_rx;
     }
 
-    let n_nodes = nodes.len();
     let listed = entries.len();
-    let feeder = tokio::spawn(async move {
-        for entry in entries {
-            let mut values = vec![None; n_nodes];
-            let id = entry.id.clone();
-            values[source] = Some(Value::Entry(Arc::new(entry)));
-            let record = Record {
-                id,
-                values,
-                keys: vec![None; n_nodes],
-                failure: None,
-                timings: Vec::new(),
-            };
-            if first_tx.send(record).await.is_err() {
-                break;
-            }
-        }
-    });
+    let feeder = tokio::spawn(feed(
+        entries,
+        first_tx,
+        source,
+        nodes.len(),
+        shared.interrupt.clone(),
+    ));
 
     let mut outcomes = Vec::new();
+    let mut not_run = Vec::new();
     while let Ok(record) = rx.recv().await {
+        if record.stopped {
+            not_run.push(record.id);
+            continue;
+        }
         // "k/N": how far the run is, for logs read without the progress bars.
         let progress = format!("{}/{listed}", outcomes.len() + 1);
         outcomes.push(outcome(record, &progress));
     }
-    feeder.await.context("the dataset feeder panicked")?;
-    if outcomes.len() < listed {
+    not_run.extend(feeder.await.context("the dataset feeder panicked")?);
+    if outcomes.len() + not_run.len() < listed {
         // Every worker of some node stopped early: the subjects behind it have no outcome,
         // which must not pass for a clean run.
         anyhow::bail!(
             "{} of {listed} subjects never finished: a node's workers stopped",
-            listed - outcomes.len()
+            listed - outcomes.len() - not_run.len()
         );
     }
     for handle in handles {
@@ -343,7 +373,46 @@ async fn stream_subjects(
             }
         }
     }
-    Ok(outcomes)
+    Ok((outcomes, not_run))
+}
+
+/// Sends one record per dataset entry into the first channel, then closes it (by dropping
+/// `tx`). Once `interrupt` is set it sends no more; returns the ids of the entries it did
+/// not send.
+async fn feed(
+    entries: Vec<SubjectEntry>,
+    tx: Sender<Record>,
+    source: usize,
+    n_nodes: usize,
+    interrupt: Interrupt,
+) -> Vec<String> {
+    let mut entries = entries.into_iter();
+    while let Some(entry) = entries.next() {
+        let id = entry.id.clone();
+        let mut values = vec![None; n_nodes];
+        values[source] = Some(Value::Entry(Arc::new(entry)));
+        let record = Record {
+            id: id.clone(),
+            values,
+            keys: vec![None; n_nodes],
+            failure: None,
+            timings: Vec::new(),
+            stopped: false,
+        };
+        let sent = tokio::select! {
+            biased;
+            () = interrupt.wait() => false,
+            sent = tx.send(record) => sent.is_ok(),
+        };
+        if !sent {
+            if interrupt.signal().is_none() {
+                // Every worker of the first node stopped; the caller reports the shortfall.
+                return Vec::new();
+            }
+            return std::iter::once(id).chain(entries.map(|e| e.id)).collect();
+        }
+    }
+    Vec::new()
 }
 
 fn outcome(record: Record, progress: &str) -> SubjectOutcome {
@@ -454,12 +523,12 @@ fn compute_loop(
 /// nothing while upstream keeps producing, and the batch stays full.
 fn next_batch(rx: &Receiver<Record>, batch: usize) -> Option<Vec<Record>> {
     let mut records = vec![rx.recv_blocking().ok()?];
-    let mut live = usize::from(records[0].failure.is_none());
+    let mut live = usize::from(records[0].live());
     while live < batch {
         let Ok(record) = rx.recv_blocking() else {
             break;
         };
-        live += usize::from(record.failure.is_none());
+        live += usize::from(record.live());
         records.push(record);
     }
     Some(records)
@@ -467,6 +536,9 @@ fn next_batch(rx: &Receiver<Record>, batch: usize) -> Option<Vec<Record>> {
 
 /// Runs node `node` on one record, catching failures and panics.
 fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
+    if stop(shared, &mut record) {
+        return record;
+    }
     if record.failure.is_none() {
         let spec = &shared.pipeline.nodes[node].spec;
         let started = Instant::now();
@@ -491,10 +563,11 @@ fn step(shared: &Shared, node: usize, mut record: Record) -> Record {
 /// own, so one subject's bad data cannot fail the others.
 ///
 /// [`Stage::process_batch`]: voxflow_stages::stage::Stage::process_batch
-fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record> {
-    let live: Vec<usize> = (0..records.len())
-        .filter(|&i| records[i].failure.is_none())
-        .collect();
+fn step_batch(shared: &Shared, node: usize, mut records: Vec<Record>) -> Vec<Record> {
+    for record in &mut records {
+        stop(shared, record);
+    }
+    let live: Vec<usize> = (0..records.len()).filter(|&i| records[i].live()).collect();
     if live.len() < 2 {
         return records.into_iter().map(|r| step(shared, node, r)).collect();
     }
@@ -533,6 +606,10 @@ fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record>
     let mut results = results.into_iter();
     let mut out = Vec::with_capacity(records.len());
     for mut record in records {
+        if record.stopped {
+            out.push(record);
+            continue;
+        }
         if record.failure.is_none() {
             let result = results
                 .next()
@@ -543,6 +620,16 @@ fn step_batch(shared: &Shared, node: usize, records: Vec<Record>) -> Vec<Record>
         out.push(release(shared, node, record));
     }
     out
+}
+
+/// Stops `record` here if the run was interrupted and it is still live: its values are
+/// dropped and later nodes pass it on untouched. Returns whether it is stopped.
+fn stop(shared: &Shared, record: &mut Record) -> bool {
+    if record.live() && shared.interrupt.signal().is_some() {
+        record.stopped = true;
+        record.values.fill(None);
+    }
+    record.stopped
 }
 
 /// Records a stage's result for one subject: its value, or its failure (logged now, so a
@@ -799,6 +886,7 @@ mod tests {
             bars: None,
             no_cache: true,
             cache_max_gb: None,
+            interrupt: Interrupt::default(),
         };
         let outcome = run(pipeline(subjects, capacity, &counter), options)
             .await
@@ -893,6 +981,7 @@ mod tests {
             bars: None,
             no_cache: true,
             cache_max_gb: None,
+            interrupt: Interrupt::default(),
         };
         let outcome = run(p, options).await.unwrap();
         assert_eq!(outcome.summary.subjects.len(), 10);
@@ -914,6 +1003,72 @@ mod tests {
         // Eight subjects reach the batcher: batches of three, the one with s007 rerun alone.
         assert!(sizes.iter().all(|&n| (2..=3).contains(&n)), "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 8, "{sizes:?}");
+    }
+
+    /// Passes its input on.
+    struct Pass;
+
+    impl Stage for Pass {
+        fn process(&self, _: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+            Ok(inputs.get(0)?.clone())
+        }
+    }
+
+    /// Passes its input on; when `at` reaches it, sets the run's interrupt first.
+    struct Interrupter {
+        at: &'static str,
+        interrupt: Interrupt,
+    }
+
+    impl Stage for Interrupter {
+        fn kind(&self) -> StageKind {
+            StageKind::Compute
+        }
+
+        fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
+            if ctx.subject == self.at {
+                self.interrupt.trigger(Signal::Interrupt);
+            }
+            Ok(inputs.get(0)?.clone())
+        }
+    }
+
+    /// One worker per node keeps the subjects in order: the one in the last node when the
+    /// interrupt comes finishes, those before it finished, every later one is not run,
+    /// whether it was waiting in a channel or never sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupt_stops_later_subjects_and_keeps_the_finished_ones() {
+        let counter = Arc::new(InFlight::default());
+        let interrupt = Interrupt::default();
+        let mut p = pipeline(20, 2, &counter);
+        p.nodes.truncate(1);
+        p.nodes.push(node("pass", Arc::new(Pass), vec![0], None));
+        let last = Interrupter {
+            at: "s004",
+            interrupt: interrupt.clone(),
+        };
+        p.nodes.push(node("last", Arc::new(last), vec![1], None));
+        let options = RunOptions {
+            output: Some(std::env::temp_dir().join("voxflow-run-test-interrupt")),
+            interrupt,
+            no_cache: true,
+            ..RunOptions::default()
+        };
+        let outcome = run(p, options).await.unwrap();
+        assert_eq!(outcome.interrupted, Some(Signal::Interrupt));
+        let done: Vec<&str> = outcome
+            .summary
+            .subjects
+            .iter()
+            .map(|s| s.subject.as_str())
+            .collect();
+        assert_eq!(done, ["s000", "s001", "s002", "s003", "s004"]);
+        let mut not_run = outcome.summary.not_run.clone();
+        not_run.sort();
+        let later: Vec<String> = (5..20).map(|n| format!("s{n:03}")).collect();
+        assert_eq!(not_run, later);
+        assert!(outcome.summary.interrupted);
+        assert_eq!(outcome.failed(), 0);
     }
 
     #[test]

@@ -163,6 +163,34 @@ mod tests {
         assert!(!message.contains("frame #"), "{message}");
     }
 
+    /// Without a CUDA device, `device = "cuda"` fails the build (so `validate`, naming the
+    /// node) instead of every subject; `auto` and `cpu` build.
+    #[test]
+    fn cuda_is_refused_where_there_is_none() {
+        if tch::Cuda::is_available() {
+            return;
+        }
+        for (kind, text) in [
+            ("register", "device = \"cuda\""),
+            (
+                "skull_strip",
+                "method = \"auto\"\n[atlas]\nregister.device = \"cuda\"",
+            ),
+        ] {
+            let params: toml::Table = toml::from_str(text).unwrap();
+            let err = build(kind, params).err().map(|e| e.to_string());
+            assert!(
+                err.as_ref()
+                    .is_some_and(|e| e.contains("`device` is \"cuda\"") && e.contains("no CUDA")),
+                "{kind}: {err:?}"
+            );
+        }
+        for device in ["auto", "cpu"] {
+            let params: toml::Table = toml::from_str(&format!("device = \"{device}\"")).unwrap();
+            assert!(build("register", params).is_ok(), "{device}");
+        }
+    }
+
     #[test]
     fn register_builds_with_defaults_and_rejects_typos() {
         assert!(build("register", toml::Table::new()).is_ok());

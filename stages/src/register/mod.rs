@@ -110,6 +110,17 @@ impl DeviceChoice {
             )),
         }
     }
+
+    /// Why this choice cannot work on this machine, if it cannot: `cuda` where libtorch sees
+    /// no CUDA device. Stages check it when they are built, so `validate` names the node and
+    /// a run stops before its first subject instead of failing every subject in turn.
+    pub fn unavailable(self) -> Option<String> {
+        (self == DeviceChoice::Cuda && !tch::Cuda::is_available()).then(|| {
+            "`device` is \"cuda\" but libtorch sees no CUDA device on this machine; use \
+             \"auto\" (CUDA when there is one, else the CPU) or run where CUDA is"
+                .to_string()
+        })
+    }
 }
 
 /// Settings of the affine stage.
@@ -445,6 +456,9 @@ impl StageConfig for RegisterConfig {
         let problems = self.problems();
         if !problems.is_empty() {
             return Err(BuildError::Invalid(problems.join("; ")));
+        }
+        if let Some(problem) = self.device.unavailable() {
+            return Err(BuildError::Invalid(problem));
         }
         let stage = RegisterStage::new(self).map_err(|e| BuildError::Invalid(e.to_string()))?;
         Ok(Arc::new(stage))

@@ -194,6 +194,17 @@ impl ValueKind {
     }
 }
 
+/// What `validate` knows of the value a node gives each subject, before anything runs: what
+/// [`Stage::output`] and [`Stage::output_mask`] say, worked out node by node from the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ValueFacts {
+    /// Its kind; `None` when it depends on the inputs or the node could not be built.
+    pub kind: Option<ValueKind>,
+    /// For a scan or a dataset entry: `Some(true)` when every subject's carries a brain mask,
+    /// `Some(false)` when none does, `None` when it is not known or differs between subjects.
+    pub mask: Option<bool>,
+}
+
 /// The inputs a stage takes: between `min` and `max` upstream nodes, described by `what`,
 /// each of a kind `kinds` allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +222,9 @@ pub struct InputSpec {
     /// Positions that must carry the subject's own data: a constant there (the atlas) means
     /// the inputs are in the wrong order.
     pub subject: &'static [usize],
+    /// Kinds of which at least one input must be, wherever it is listed (`write` needs
+    /// something to write); empty when any mix will do.
+    pub one_of: &'static [ValueKind],
 }
 
 impl InputSpec {
@@ -223,6 +237,7 @@ impl InputSpec {
             kinds: &[],
             rest: None,
             subject: &[],
+            one_of: &[],
         }
     }
 
@@ -235,6 +250,7 @@ impl InputSpec {
             kinds,
             rest: None,
             subject: &[],
+            one_of: &[],
         }
     }
 
@@ -242,6 +258,15 @@ impl InputSpec {
     pub const fn subject_at(self, positions: &'static [usize]) -> InputSpec {
         InputSpec {
             subject: positions,
+            ..self
+        }
+    }
+
+    /// This spec with at least one input of a kind in `kinds` required
+    /// ([`InputSpec::one_of`]).
+    pub const fn needing_one_of(self, kinds: &'static [ValueKind]) -> InputSpec {
+        InputSpec {
+            one_of: kinds,
             ..self
         }
     }
@@ -328,10 +353,15 @@ pub struct SubjectOutcome {
 pub struct RunSummary {
     /// Pipeline name.
     pub pipeline: String,
-    /// One outcome per subject, in the order subjects finished.
+    /// One outcome per subject that went through every node, in the order they finished.
     pub subjects: Vec<SubjectOutcome>,
     /// Wall-clock time of the whole run.
     pub elapsed: Duration,
+    /// Whether a signal stopped the run before every subject finished.
+    pub interrupted: bool,
+    /// Subjects the interruption stopped before their last node, or before their first: none
+    /// of their results count (files a node already wrote for them stay, each complete).
+    pub not_run: Vec<String>,
 }
 
 /// A stage failed for one subject.
@@ -374,6 +404,21 @@ pub trait Stage: Send + Sync {
     /// The kind of value [`Stage::process`] returns, so `validate` can check what consumes
     /// it; `None` when it depends on the inputs.
     fn output(&self) -> Option<ValueKind> {
+        None
+    }
+
+    /// Whether the scan (or dataset entry) [`Stage::process`] returns carries a brain mask,
+    /// given what is known of its inputs (in declared order), as [`ValueFacts::mask`] says
+    /// it; `None` (the default) when the stage cannot tell or gives no scan.
+    fn output_mask(&self, _inputs: &[ValueFacts]) -> Option<bool> {
+        None
+    }
+
+    /// Why inputs of these facts (in declared order) would fail every subject, if `validate`
+    /// can tell before anything runs: what the counts and kinds of [`Stage::inputs`] cannot
+    /// say, such as a scan without the mask the stage needs. `None` (the default) when
+    /// nothing is known to be wrong.
+    fn input_problem(&self, _inputs: &[ValueFacts]) -> Option<String> {
         None
     }
 

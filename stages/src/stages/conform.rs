@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample};
-use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value, ValueFacts};
 use crate::volume::{Affine, Grid, Volume, affine_from_orientation, apply, orientation_code};
 
 /// Parameters of a `conform` node.
@@ -117,6 +117,10 @@ pub struct Conform {
 impl Stage for Conform {
     fn output(&self) -> Option<crate::stage::ValueKind> {
         Some(crate::stage::ValueKind::Scan)
+    }
+
+    fn output_mask(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        inputs.first()?.mask
     }
 
     fn inputs(&self) -> Option<crate::stage::InputSpec> {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use crate::registry::{BuildError, StageConfig};
-use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value};
+use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value, ValueFacts};
 
 /// Parameters of a `dataset` node.
 ///
@@ -273,6 +273,23 @@ impl Stage for Dataset {
         ))
     }
 
+    /// Folders carry a mask when `mask` names one; a manifest's rows, when each (or none)
+    /// fills the `mask` column. A named file that is missing fails its subject alone.
+    fn output_mask(&self, _inputs: &[ValueFacts]) -> Option<bool> {
+        match &self.layout {
+            Layout::Folders { mask, .. } => Some(mask.is_some()),
+            Layout::Manifest(_) => {
+                let entries = self.listing().ok()?;
+                let masked = entries.iter().filter(|e| e.mask.is_some()).count();
+                match masked {
+                    0 => Some(false),
+                    n if n == entries.len() => Some(true),
+                    _ => None,
+                }
+            }
+        }
+    }
+
     fn process(&self, ctx: &Context<'_>, _inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let entries = self.listing()?;
         entries
@@ -491,6 +508,33 @@ mod tests {
         assert_eq!(entries[2].image, dir.path().join("sub-c/t1.nii.gz"));
         assert_eq!(entries[0].labels, Some(dir.path().join("sub-a/aseg.mgz")));
         assert_eq!(entries[0].mask, None);
+    }
+
+    /// What `validate` learns of the masks: folders from `mask`, a manifest from its rows
+    /// (every one, none, or some filling the column).
+    #[test]
+    fn masks_are_known_from_the_config_or_the_manifest_rows() {
+        let no_facts: &[ValueFacts] = &[];
+        let folders = |extra: &str| {
+            dataset(&format!("root = \"d\"\nimage = \"t1.nii.gz\"\n{extra}")).output_mask(no_facts)
+        };
+        assert_eq!(folders(""), Some(false));
+        assert_eq!(folders("mask = \"brainmask.nii.gz\""), Some(true));
+
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = |name: &str, rows: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, rows).unwrap();
+            dataset(&format!("manifest = {path:?}")).output_mask(no_facts)
+        };
+        assert_eq!(
+            manifest("none.csv", "subject,image\na,a.nii\nb,b.nii\n"),
+            Some(false)
+        );
+        let all = "subject,image,mask\na,a.nii,am.nii\nb,b.nii,bm.nii\n";
+        assert_eq!(manifest("all.csv", all), Some(true));
+        let some = "subject,image,mask\na,a.nii,am.nii\nb,b.nii,\n";
+        assert_eq!(manifest("some.csv", some), None);
     }
 
     fn folders(names: &[&str]) -> tempfile::TempDir {

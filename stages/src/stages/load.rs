@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::io::read_volume;
 use crate::registry::{BuildError, StageConfig};
-use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value, ValueFacts};
 use crate::volume::{Volume, stats};
 
 /// Parameters of a `load` node.
@@ -99,6 +99,14 @@ impl Stage for Load {
                 "[dataset], or none with `image` set",
             )
         })
+    }
+
+    /// A constant node's mask is its `mask` parameter; a subject's, its dataset entry's.
+    fn output_mask(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        match inputs.first() {
+            None => Some(self.config.mask.is_some()),
+            Some(entry) => entry.mask,
+        }
     }
 
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::intensity::percentile_rescale;
 use crate::registry::{BuildError, StageConfig};
-use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value, ValueFacts};
 use crate::volume::Volume;
 
 /// Parameters of a `normalize` node.
@@ -88,6 +88,20 @@ impl Stage for Normalize {
             &[crate::stage::ValueKind::Scan],
             "[scan]",
         ))
+    }
+
+    fn output_mask(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        inputs.first()?.mask
+    }
+
+    fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
+        let unmasked = inputs.first().is_some_and(|f| f.mask == Some(false));
+        (self.config.within_mask && unmasked).then(|| {
+            "normalize: within_mask = true, but the scans of input 0 carry no brain mask (their \
+             dataset or `load` names no `mask`); give them one, strip them with `skull_strip` \
+             first, or set within_mask = false"
+                .to_string()
+        })
     }
 
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {

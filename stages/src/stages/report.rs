@@ -2,8 +2,9 @@
 //!
 //! The CSV has one row per subject and label (for spreadsheets and plotting); the JSON has the
 //! run's summary: subjects done and failed with reasons, mean and standard deviation over
-//! subjects of the per-subject mean Dice, each subject's deformation quality and timings. Both
-//! are written to a temporary name and renamed, so a reader never sees half a report.
+//! subjects of the per-subject mean Dice, each subject's deformation quality and timings, and
+//! for a run a signal stopped, `"interrupted": true` with the subjects not run. Both are
+//! written to a temporary name and renamed, so a reader never sees half a report.
 //!
 //! Left out: HTML or figures, and per-label statistics over subjects (derivable from the CSV).
 
@@ -76,6 +77,7 @@ impl Stage for Report {
             kinds: &[],
             rest: Some(crate::stage::ValueKind::Scores),
             subject: &[],
+            one_of: &[],
         })
     }
 
@@ -147,6 +149,8 @@ fn summary_json(summary: &RunSummary) -> serde_json::Value {
             .collect()
     };
     let (before, after) = (means(|s| s.mean_before), means(|s| s.mean_after));
+    let mut not_run: Vec<&str> = summary.not_run.iter().map(String::as_str).collect();
+    not_run.sort_unstable();
     let per_subject: Vec<_> = subjects
         .iter()
         .map(|o| {
@@ -168,12 +172,15 @@ fn summary_json(summary: &RunSummary) -> serde_json::Value {
         .collect();
     json!({
         "pipeline": summary.pipeline,
+        "interrupted": summary.interrupted,
         "subjects": {
-            "total": subjects.len(),
+            "total": subjects.len() + not_run.len(),
             "ok": subjects.len() - failures.len(),
             "failed": failures.len(),
+            "not_run": not_run.len(),
         },
         "failures": failures,
+        "not_run": not_run,
         "dice": {
             "rule": DICE_RULE,
             "subjects_scored": after.len(),
@@ -308,6 +315,7 @@ mod tests {
                 outcome("s3", None, Some(("loaded", "s3/t1.nii: no such file"))),
             ],
             elapsed: Duration::from_millis(12_500),
+            ..RunSummary::default()
         };
         let mut names = HashMap::new();
         names.insert(17, "Left-Hippocampus".to_string());
@@ -333,6 +341,8 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
         assert_eq!(json["pipeline"], "atlas-seg");
+        assert_eq!(json["interrupted"], false);
+        assert_eq!(json["not_run"], serde_json::json!([]));
         assert_eq!(json["subjects"]["total"], 3);
         assert_eq!(json["subjects"]["failed"], 1);
         assert_eq!(json["failures"][0]["node"], "loaded");
@@ -356,5 +366,35 @@ mod tests {
             std::fs::read_dir(dir.path().join("out")).unwrap().count(),
             2
         );
+    }
+
+    #[test]
+    fn an_interrupted_run_says_so_and_lists_the_subjects_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = RunSummary {
+            pipeline: "p".into(),
+            subjects: vec![outcome("s1", None, None)],
+            interrupted: true,
+            not_run: vec!["s3".into(), "s2".into()],
+            ..RunSummary::default()
+        };
+        let ctx = Context {
+            subject: "<run>",
+            output_dir: dir.path(),
+            node: "report",
+        };
+        let report = Report {
+            names: HashMap::new(),
+        };
+        let files = report.finish(&ctx, &summary).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        assert_eq!(json["interrupted"], true);
+        assert_eq!(json["not_run"], serde_json::json!(["s2", "s3"]));
+        assert_eq!(
+            json["subjects"],
+            serde_json::json!({"total": 3, "ok": 1, "failed": 0, "not_run": 2})
+        );
+        assert_eq!(json["per_subject"].as_array().map(Vec::len), Some(1));
     }
 }

@@ -26,7 +26,7 @@ use crate::io::read_volume;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
 use crate::skullstrip::{AtlasHead, AtlasParams, Edge, atlas, auto, dilate_mm, refine_boundary};
-use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Scan, Stage, StageError, Value, ValueFacts};
 use crate::volume::Volume;
 
 /// Parameters of a `skull_strip` node.
@@ -186,6 +186,11 @@ impl StageConfig for SkullStripConfig {
                 problems.join("; ")
             )));
         }
+        if let Some(problem) = self.atlas.register.device.unavailable() {
+            return Err(BuildError::Invalid(format!(
+                "skull_strip: atlas.register: {problem}"
+            )));
+        }
         Ok(Arc::new(SkullStrip {
             config: self,
             mask_file: OnceLock::new(),
@@ -224,6 +229,23 @@ impl Stage for SkullStrip {
                 crate::stage::InputSpec::of(&[crate::stage::ValueKind::Scan], "[scan]")
             },
         )
+    }
+
+    fn output_mask(&self, _inputs: &[ValueFacts]) -> Option<bool> {
+        Some(true)
+    }
+
+    /// The mask method on scans known to carry no mask (a dataset or `load` without `mask`)
+    /// and without a `mask` file would fail every subject.
+    fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
+        let own = self.config.method == StripMethod::Mask && self.config.mask.is_none();
+        (own && inputs.first().is_some_and(|f| f.mask == Some(false))).then(|| {
+            "skull_strip: method = \"mask\" applies the brain mask the scan carries, but the \
+             scans of input 0 carry none (their dataset or `load` names no `mask`); give the \
+             dataset a `mask`, set `mask = \"FILE\"` here, or use method = \"auto\" or \
+             \"atlas\""
+                .to_string()
+        })
     }
 
     fn kind(&self) -> crate::stage::StageKind {

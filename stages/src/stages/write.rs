@@ -18,7 +18,9 @@ use serde::Deserialize;
 use crate::io::{IoError, write_nifti};
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample};
-use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value};
+use crate::stage::{
+    Context, Inputs, Segmentation, Stage, StageError, Value, ValueFacts, ValueKind,
+};
 use crate::volume::{DataType, Volume};
 
 /// Parameters of a `write` node; inputs are a segmentation (writes `seg.nii.gz`,
@@ -58,13 +60,35 @@ impl Stage for Write {
     }
 
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
-        Some(crate::stage::InputSpec {
-            min: 1,
-            max: usize::MAX,
-            what: "[segmentation or scan, any others to wait for]",
-            kinds: &[],
-            rest: None,
-            subject: &[],
+        use crate::stage::ValueKind::{Scan, Segmentation};
+        Some(
+            crate::stage::InputSpec {
+                min: 1,
+                max: usize::MAX,
+                what: "[segmentation or skull-stripped scan, any others to wait for]",
+                kinds: &[],
+                rest: None,
+                subject: &[],
+                one_of: &[],
+            }
+            .needing_one_of(&[Segmentation, Scan]),
+        )
+    }
+
+    /// Scans are written only for their mask: inputs whose only scans are known to carry
+    /// none (and no segmentation) leave nothing to write.
+    fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
+        let writable = |f: &ValueFacts| match f.kind {
+            Some(ValueKind::Segmentation) | None => true,
+            Some(ValueKind::Scan) => f.mask != Some(false),
+            Some(_) => false,
+        };
+        let scans = inputs.iter().any(|f| f.kind == Some(ValueKind::Scan));
+        (scans && !inputs.iter().any(writable)).then(|| {
+            "write: a scan is written as its brain mask, but no input scan carries one and no \
+             input is a segmentation, so nothing would be written; feed it a `segment` or a \
+             `skull_strip` node"
+                .to_string()
         })
     }
 
