@@ -74,6 +74,10 @@ fn log_filter(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// Most `--threads` accepted: far more than any machine has cores, and small enough that
+/// clap's range message reads well (`0 is not in 1..=1024`).
+const MAX_THREADS: u64 = 1024;
+
 /// A positive, finite number of gigabytes.
 fn positive_gb(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
@@ -91,9 +95,10 @@ enum Command {
         /// Write results here instead of the pipeline's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// CPU threads for numerical work (default: all cores; on a busy machine 1 can be
-        /// faster).
-        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        /// CPU threads for numerical work, 1 to 1024 (default: all cores; on a busy machine 1
+        /// can be faster).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(1..=MAX_THREADS))]
         threads: Option<usize>,
         /// Never draw progress bars, even on a terminal.
         #[arg(long)]

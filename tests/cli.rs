@@ -1230,3 +1230,28 @@ fn sigterm_before_any_subject_finishes_reports_every_subject_not_run() {
     );
     assert_eq!(json["per_subject"], serde_json::json!([]), "{json:#}");
 }
+
+/// `--threads 0` names the range it takes, not `1..18446744073709551615`.
+#[test]
+fn threads_out_of_range_names_a_readable_range() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for value in ["0", "1025"] {
+        let out = voxflow(
+            &[
+                "run",
+                "pipelines/oneshot-aseg.toml",
+                "--threads",
+                value,
+                "--no-progress",
+            ],
+            root,
+        );
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{msg}");
+        assert!(
+            msg.contains(&format!("{value} is not in 1..=1024")),
+            "{msg}"
+        );
+        assert!(!msg.contains("18446744073709551615"), "{msg}");
+    }
+}
