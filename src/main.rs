@@ -138,7 +138,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CacheAction {
-    /// Remove every cached volume (the folder itself and files voxflow did not make stay).
+    /// Remove every cached volume (the folder itself and files voxflow did not make stay); a
+    /// folder without voxflow's CACHEDIR.TAG is refused.
     Clear {
         /// The cache folder (default: ${XDG_CACHE_HOME:-~/.cache}/voxflow/volumes; use the
         /// pipeline's `[pipeline] cache` folder if it sets one).

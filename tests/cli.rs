@@ -1255,3 +1255,25 @@ fn threads_out_of_range_names_a_readable_range() {
         assert!(!msg.contains("18446744073709551615"), "{msg}");
     }
 }
+
+/// `cache clear --dir` on a folder voxflow never made its cache: exit 2, the folder named,
+/// and its hex-named folder still there.
+#[test]
+fn cache_clear_refuses_a_folder_that_is_not_a_voxflow_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mine");
+    let hex = dir.join("0f").join("e".repeat(64));
+    std::fs::create_dir_all(&hex).unwrap();
+    std::fs::write(hex.join("notes.txt"), b"keep me").unwrap();
+    let out = voxflow(
+        &["cache", "clear", "--dir", dir.to_str().unwrap()],
+        tmp.path(),
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains(&dir.display().to_string()) && msg.contains("not a voxflow cache folder"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(hex.join("notes.txt")).unwrap(), b"keep me");
+}

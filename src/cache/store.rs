@@ -63,6 +63,15 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
+    /// `clear` was pointed at a folder voxflow did not make its cache.
+    #[error(
+        "{path}: not a voxflow cache folder (it has no CACHEDIR.TAG written by voxflow); \
+         nothing removed"
+    )]
+    NotACache {
+        /// The folder.
+        path: PathBuf,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
@@ -398,14 +407,30 @@ fn write_f32(path: &Path, data: &[f32]) -> Result<(u64, u32), CacheError> {
     Ok((data.len() as u64 * 4, crc.finalize()))
 }
 
-/// Marks `dir` as a cache folder (https://bford.info/cachedir/), once.
+/// Name of the tag file marking a cache folder (https://bford.info/cachedir/).
+const TAG_FILE: &str = "CACHEDIR.TAG";
+
+/// The tag's first line, fixed by the standard.
+const TAG_SIGNATURE: &str = "Signature: 8a477f597d28d172789f06886806bc55";
+
+/// What voxflow writes after the signature, and what [`clear`] looks for: another tool's tag
+/// does not make a folder voxflow's.
+const TAG_COMMENT: &str = "# voxflow volume cache";
+
+/// Marks `dir` as a cache folder, once.
 fn tag(dir: &Path) {
-    let path = dir.join("CACHEDIR.TAG");
+    let path = dir.join(TAG_FILE);
     if !path.exists() {
-        let text = "Signature: 8a477f597d28d172789f06886806bc55\n\
-                    # voxflow volume cache: safe to delete (`voxflow cache clear`).\n";
+        let text =
+            format!("{TAG_SIGNATURE}\n{TAG_COMMENT}: safe to delete (`voxflow cache clear`).\n");
         let _ = std::fs::write(path, text);
     }
+}
+
+/// Whether `dir` holds the tag voxflow writes in its cache folders.
+fn tagged_by_voxflow(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(TAG_FILE))
+        .is_ok_and(|text| text.starts_with(TAG_SIGNATURE) && text.contains(TAG_COMMENT))
 }
 
 /// Removes the entry for `key` (a corrupt one); a failure is only logged.
@@ -418,13 +443,24 @@ pub fn remove(dir: &Path, key: &Key) {
     }
 }
 
-/// Empties the cache folder `dir`: every entry and leftover temporary folder. Only what has
-/// the cache's layout (two-hex-digit shards holding 64-hex or `.tmp-` folders) is removed,
-/// so a mistyped `--dir` cannot wipe unrelated files. Returns `(entries, bytes)` removed.
+/// Empties the cache folder `dir`: every entry and leftover temporary folder. A folder
+/// without the `CACHEDIR.TAG` voxflow writes in its caches is refused, and even in a cache
+/// only what has the cache's layout (two-hex-digit shards holding 64-hex or `.tmp-` folders)
+/// is removed, so a mistyped `--dir` cannot wipe unrelated files. A folder that does not
+/// exist holds nothing to remove. Returns `(entries, bytes)` removed.
 ///
 /// # Errors
-/// When a folder cannot be listed or removed.
+/// [`CacheError::NotACache`] for a folder voxflow did not tag as its cache; an I/O error
+/// when a folder cannot be listed or removed.
 pub fn clear(dir: &Path) -> Result<(usize, u64), CacheError> {
+    if !dir.exists() {
+        return Ok((0, 0));
+    }
+    if !tagged_by_voxflow(dir) {
+        return Err(CacheError::NotACache {
+            path: dir.to_path_buf(),
+        });
+    }
     let mut removed = (0, 0);
     for shard in shards(dir)? {
         for (folder, is_entry) in shard_folders(&shard)? {
@@ -734,6 +770,36 @@ mod tests {
         assert!(tmp.path().join("notes.txt").exists());
         assert!(!tmp.path().join("04").exists());
         assert_eq!(clear(&tmp.path().join("none")).unwrap(), (0, 0));
+    }
+
+    /// A folder that merely looks like a cache (hex-named folders), or carries another
+    /// tool's CACHEDIR.TAG, keeps every file.
+    #[test]
+    fn clear_refuses_a_folder_voxflow_did_not_tag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hex = tmp.path().join("ab").join("c".repeat(64));
+        std::fs::create_dir_all(&hex).unwrap();
+        std::fs::write(hex.join("thesis.tex"), b"years of work").unwrap();
+        for tag in [
+            None,
+            Some(format!("{TAG_SIGNATURE}\n# made by another tool\n")),
+        ] {
+            if let Some(text) = &tag {
+                std::fs::write(tmp.path().join(TAG_FILE), text).unwrap();
+            }
+            let err = clear(tmp.path()).unwrap_err();
+            assert!(matches!(err, CacheError::NotACache { .. }), "{err}");
+            let message = err.to_string();
+            assert!(
+                message.contains(&tmp.path().display().to_string())
+                    && message.contains("not a voxflow cache"),
+                "{message}"
+            );
+            assert_eq!(
+                std::fs::read(hex.join("thesis.tex")).unwrap(),
+                b"years of work"
+            );
+        }
     }
 
     /// An entry of `n` voxels (one volume), last used `age` seconds ago; returns its bytes.
