@@ -1277,3 +1277,38 @@ fn cache_clear_refuses_a_folder_that_is_not_a_voxflow_cache() {
     );
     assert_eq!(std::fs::read(hex.join("notes.txt")).unwrap(), b"keep me");
 }
+
+/// A lab manifest with metadata columns validates; the extra columns are logged once, and a
+/// near miss of a column voxflow reads is a warning naming it.
+#[test]
+fn a_manifest_with_extra_columns_validates_and_logs_them_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = tmp.path().join("subjects.csv");
+    std::fs::write(
+        &manifest,
+        "subject,image,labels,age,sex,diagnosis,lables\n\
+         s1,s1/norm.nii.gz,s1/seg.nii.gz,71,F,AD,s1/x.nii.gz\n\
+         s2,s2/norm.nii.gz,s2/seg.nii.gz,64,M,CN,s2/x.nii.gz\n",
+    )
+    .unwrap();
+    let pipeline = tmp.path().join("p.toml");
+    let toml = oneshot(&data(), "x", 4.0, &tmp.path().join("out")).replace(
+        &format!(
+            "root = \"{}\"\npattern = \"x\"\nimage = \"norm.nii.gz\"\nlabels = \"seg.nii.gz\"",
+            data().display()
+        ),
+        &format!("manifest = \"{}\"", manifest.display()),
+    );
+    assert!(toml.contains("manifest ="), "{toml}");
+    std::fs::write(&pipeline, toml).unwrap();
+    let out = voxflow(&["validate", pipeline.to_str().unwrap()], tmp.path());
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{msg}");
+    assert!(msg.contains("2 subjects"), "{msg}");
+    assert_eq!(msg.matches("Manifest columns ignored").count(), 1, "{msg}");
+    assert!(
+        msg.contains("INFO") && msg.contains("\"age\", \"sex\", \"diagnosis\""),
+        "{msg}"
+    );
+    assert_eq!(msg.matches("did you mean \"labels\"").count(), 1, "{msg}");
+}

@@ -42,7 +42,8 @@ use crate::stage::{Context, Inputs, Stage, StageError, SubjectEntry, Value, Valu
 /// image = ["ch2.nii.gz", "MNI152_T1.nii.gz"]
 /// ```
 ///
-/// Manifest layout (`subject,image,labels[,mask]`, paths relative to the manifest's folder):
+/// Manifest layout (columns `subject,image[,labels][,mask]`, any others ignored; paths
+/// relative to the manifest's folder):
 ///
 /// ```toml
 /// [nodes.subjects]
@@ -66,7 +67,10 @@ pub struct DatasetConfig {
     /// Brain mask file name (or candidates) inside each subject folder, if the dataset has
     /// masks.
     pub mask: Option<Names>,
-    /// CSV file with a header `subject,image[,labels][,mask]`. Exclusive with `root`.
+    /// CSV file with a header naming at least `subject` and `image`, optionally `labels` and
+    /// `mask`, in any order; other columns (age, sex, diagnosis, …) are ignored and logged
+    /// once, as a warning when one looks like a misspelt `labels` or `mask`. Exclusive with
+    /// `root`.
     pub manifest: Option<PathBuf>,
 }
 
@@ -392,7 +396,57 @@ pub(crate) fn is_plain_name(id: &str) -> bool {
         && !id.chars().any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
-/// Reads a manifest with columns `subject`, `image` and optionally `labels` and `mask`.
+/// The manifest columns voxflow reads; any other (age, sex, diagnosis, …) is ignored.
+const MANIFEST_COLUMNS: [&str; 4] = ["subject", "image", "labels", "mask"];
+
+/// Logs, once per listing, the manifest columns voxflow does not read: a warning with the
+/// column it looks like for a near miss (`lables`, `Image`), which leaves that column's files
+/// unused, and one info line for the rest (lab metadata such as age or diagnosis).
+fn log_ignored_columns(path: &Path, ignored: &[&str]) {
+    let mut other = Vec::new();
+    for &name in ignored {
+        let near = MANIFEST_COLUMNS
+            .into_iter()
+            .find(|known| typo_distance(&name.to_lowercase(), known) <= 1);
+        match near {
+            Some(known) => tracing::warn!(manifest = %path.display(), column = name,
+                "Manifest column {name:?} is ignored; did you mean {known:?}?"),
+            None => other.push(format!("{name:?}")),
+        }
+    }
+    if !other.is_empty() {
+        tracing::info!(manifest = %path.display(), columns = %other.join(", "),
+            "Manifest columns ignored (voxflow reads subject, image, labels, mask)");
+    }
+}
+
+/// Edits (insert, delete, substitute, swap two neighbours) from `a` to `b`: a swap counts
+/// once, so `lables` is one edit from `labels` while `age` stays two from `image`.
+fn typo_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// Reads a manifest with columns `subject`, `image` and optionally `labels` and `mask`; other
+/// columns are ignored (see [`log_ignored_columns`]).
 fn read_manifest(path: &Path) -> Result<Vec<SubjectEntry>, StageError> {
     let fail = |what: String| StageError::Input(format!("manifest {}: {what}", path.display()));
     let text = fs_err::read_to_string(path).map_err(|e| StageError::Input(e.to_string()))?;
@@ -402,14 +456,15 @@ fn read_manifest(path: &Path) -> Result<Vec<SubjectEntry>, StageError> {
         .from_reader(text.as_bytes());
     let header = reader.headers().map_err(|e| fail(e.to_string()))?.clone();
     let mut column = BTreeMap::new();
+    let mut ignored = Vec::new();
     for (n, name) in header.iter().enumerate() {
-        if !matches!(name, "subject" | "image" | "labels" | "mask") {
-            return Err(fail(format!(
-                "unknown column {name:?}; expected subject, image, labels, mask"
-            )));
+        if !MANIFEST_COLUMNS.contains(&name) {
+            ignored.push(name);
+            continue;
         }
         column.insert(name.to_string(), n);
     }
+    log_ignored_columns(path, &ignored);
     let (Some(&id_col), Some(&image_col)) = (column.get("subject"), column.get("image")) else {
         return Err(fail(
             "the header needs at least the columns subject and image".into(),
@@ -667,8 +722,38 @@ mod tests {
         assert!(matches!(value, Value::Entry(e) if e.id == "s2"));
     }
 
+    /// Lab manifests carry metadata columns: they are ignored, and a near miss of a column
+    /// voxflow reads is only a warning (its files are then unused).
     #[test]
-    fn manifest_rejects_unknown_columns_and_duplicate_ids() {
+    fn manifest_columns_voxflow_does_not_read_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("m.csv");
+        std::fs::write(
+            &manifest,
+            "subject,age,image,sex,labels,diagnosis,lables\n\
+             s1,71,s1/t1.nii.gz,F,s1/seg.nii.gz,AD,x.nii\n",
+        )
+        .unwrap();
+        let entries = dataset(&format!("manifest = {manifest:?}"))
+            .subjects()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            entries,
+            [SubjectEntry {
+                id: "s1".into(),
+                image: dir.path().join("s1/t1.nii.gz"),
+                labels: Some(dir.path().join("s1/seg.nii.gz")),
+                mask: None,
+            }]
+        );
+        assert_eq!(typo_distance("lables", "labels"), 1);
+        assert_eq!(typo_distance("image", "image"), 0);
+        assert!(typo_distance("age", "image") > 1 && typo_distance("sex", "subject") > 1);
+    }
+
+    #[test]
+    fn manifest_rejects_bad_and_duplicate_ids() {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("m.csv");
         for id in ["../../escaped", "/tmp/abs", "..", "a/b"] {
@@ -683,13 +768,6 @@ mod tests {
                 "{err}"
             );
         }
-        std::fs::write(&manifest, "subject,image,lables\na,a.nii,b.nii\n").unwrap();
-        let err = dataset(&format!("manifest = {manifest:?}"))
-            .subjects()
-            .unwrap()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("lables"), "{err}");
         std::fs::write(&manifest, "subject,image\na,a.nii\na,b.nii\n").unwrap();
         let err = dataset(&format!("manifest = {manifest:?}"))
             .subjects()
