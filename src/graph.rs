@@ -221,6 +221,9 @@ fn build_stage(
     node: &NodeSpec,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<dyn Stage>> {
+    if !node.expanded {
+        return None;
+    }
     match registry::build(&node.kind, node.params.clone()) {
         Ok(built) => {
             for (param, path) in &built.files {

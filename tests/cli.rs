@@ -1312,3 +1312,71 @@ fn a_manifest_with_extra_columns_validates_and_logs_them_once() {
     );
     assert_eq!(msg.matches("did you mean \"labels\"").count(), 1, "{msg}");
 }
+
+/// An empty `cache` or `output` (literally, or from a variable that expands to nothing)
+/// stops `run` at validation with the key's line, and nothing is written in the working
+/// directory the empty path would have named.
+#[test]
+fn empty_output_and_cache_folders_are_refused_with_their_line() {
+    for (setting, expects) in [
+        ("cache = \"\"", "`cache` is empty"),
+        (
+            "cache = \"${VOXFLOW_TEST_NEVER_SET:-}\"",
+            "`cache` is empty (after expanding ${VOXFLOW_TEST_NEVER_SET:-})",
+        ),
+        ("output = \"\"", "`output` is empty"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cwd = tmp.path().join("work");
+        std::fs::create_dir(&cwd).unwrap();
+        let toml = oneshot(&data(), "oasis_like_subject", 4.0, Path::new("unused"));
+        let toml = toml.replacen("output = \"unused\"", setting, 1);
+        std::fs::write(tmp.path().join("p.toml"), &toml).unwrap();
+        let line = toml.lines().position(|l| l == setting).unwrap() + 1;
+        let out = voxflow(&["run", "../p.toml", "--no-progress"], &cwd);
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{setting}: {msg}");
+        assert!(
+            msg.contains(&format!("p.toml:{line}:")) && msg.contains(expects),
+            "{setting}: {msg}"
+        );
+        assert!(!msg.contains("results:"), "{setting}: {msg}");
+        let written: Vec<_> = std::fs::read_dir(&cwd).unwrap().flatten().collect();
+        assert!(written.is_empty(), "{setting}: wrote {written:?}");
+    }
+}
+
+/// `data= voxflow run` on a bundled pipeline: the error names the empty environment
+/// variable and the [vars] value it replaces, on each line that uses it, instead of
+/// `root: "" does not exist`.
+#[test]
+fn an_empty_environment_variable_is_named_where_it_is_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/oneshot-aseg.toml");
+    let out = command(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    )
+    .env("data", "")
+    .output()
+    .expect("the voxflow binary runs");
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    let toml = std::fs::read_to_string(&pipeline).unwrap();
+    for key in ["root = ", "image = \"${data}"] {
+        let line = toml.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        assert!(
+            msg.contains(&format!("oneshot-aseg.toml:{line}:")),
+            "line {line} ({key}) not named: {msg}"
+        );
+    }
+    assert!(
+        msg.contains("the environment variable `data` is set but empty")
+            && msg.contains("[vars] data = \"../shared/data\""),
+        "{msg}"
+    );
+    assert!(!msg.contains("does not exist"), "{msg}");
+    // Only the four lines that use it: no knock-on errors from the nodes it left unbuilt.
+    assert!(msg.contains("hint: 4 problem(s)"), "{msg}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}

@@ -147,6 +147,11 @@ pub struct NodeSpec {
     pub cache: bool,
     /// The stage's own parameters, `${VAR}`s expanded.
     pub params: toml::Table,
+    /// Whether every parameter expanded to a usable value. When one did not (an undefined
+    /// variable, an empty path), its error is reported and the stage is not built: it would
+    /// only add knock-on errors (a missing `image`, a wrong number of inputs, `""` does not
+    /// exist).
+    pub expanded: bool,
     /// Line of the node's header.
     pub line: usize,
     /// Line of each key, for errors about it.
@@ -387,20 +392,28 @@ fn settings(
             Err(e) => report(Some(offset), format!("[pipeline]: {}", e.message().trim())),
         }
     }
-    let mut expand_or_report = |s: &str| match expand(s, vars) {
-        Ok(s) => s,
+    // An empty name, output or cache folder would mean the working directory.
+    let mut expand_or_report = |key: &str, s: &str| match expand(s, vars) {
+        Ok(expanded) => {
+            if let Some(problem) = empty_problem(key, s, &expanded) {
+                report(at(key), format!("[pipeline]: {problem}"));
+            }
+            expanded
+        }
         Err(m) => {
-            report(wire.map(|w| w.span().start), format!("[pipeline]: {m}"));
+            report(at(key), format!("[pipeline]: `{key}`: {m}"));
             s.to_string()
         }
     };
-    let name = parsed.name.as_deref().map(&mut expand_or_report);
+    let name = parsed.name.as_deref().map(|n| expand_or_report("name", n));
     let name = name.or(stem).unwrap_or_else(|| "pipeline".to_string());
     let output = match parsed.output.as_deref() {
-        Some(o) => PathBuf::from(expand_or_report(o)),
+        Some(o) => PathBuf::from(expand_or_report("output", o)),
         None => Path::new("out").join(&name),
     };
-    let cache = cache_setting(parsed.cache.as_ref(), &mut expand_or_report);
+    let cache = cache_setting(parsed.cache.as_ref(), &mut |dir| {
+        expand_or_report("cache", dir)
+    });
     if parsed
         .channel_capacity
         .is_some_and(|c| !(1..=MAX_ENGINE_COUNT).contains(&c))
@@ -436,6 +449,37 @@ fn settings(
         description: parsed.description,
         cache: cache.unwrap_or_default(),
         cache_max_gb: cache_max_gb.unwrap_or(crate::cache::DEFAULT_MAX_GB),
+    }
+}
+
+/// Why the string `key` took, `expanded` from `raw`, cannot be used: an empty one (as a path,
+/// the working directory; as anything else, no value).
+fn empty_problem(key: &str, raw: &str, expanded: &str) -> Option<String> {
+    if !expanded.is_empty() {
+        return None;
+    }
+    Some(if raw.contains("${") {
+        format!("`{key}` is empty (after expanding {raw})")
+    } else {
+        format!("`{key}` is empty")
+    })
+}
+
+/// [`empty_problem`] for a node parameter, whose value may be a list or table of strings.
+fn empty_param_problem(key: &str, raw: &toml::Value, expanded: &toml::Value) -> Option<String> {
+    fn holds_empty(value: &toml::Value) -> bool {
+        match value {
+            toml::Value::String(s) => s.is_empty(),
+            toml::Value::Array(items) => items.iter().any(holds_empty),
+            toml::Value::Table(t) => t.values().any(holds_empty),
+            _ => false,
+        }
+    }
+    match (raw, expanded) {
+        (toml::Value::String(raw), toml::Value::String(expanded)) => {
+            empty_problem(key, raw, expanded)
+        }
+        _ => holds_empty(expanded).then(|| format!("`{key}` holds an empty string")),
     }
 }
 
@@ -551,15 +595,25 @@ fn node_spec(
     };
 
     let mut params = toml::Table::new();
+    let mut expanded = true;
     for (key, value) in &values {
         if ENGINE_KEYS.contains(key) {
             continue;
         }
         match vars::expand_value(value.get_ref(), vars) {
             Ok(v) => {
+                // No parameter takes an empty string; as a path it would name the working
+                // directory (`root = "${data}"` with `data` empty).
+                if let Some(problem) = empty_param_problem(key, value.get_ref(), &v) {
+                    report(value.span().start, problem);
+                    expanded = false;
+                }
                 params.insert(key.to_string(), v);
             }
-            Err(m) => report(value.span().start, format!("`{key}`: {m}")),
+            Err(m) => {
+                report(value.span().start, format!("`{key}`: {m}"));
+                expanded = false;
+            }
         }
     }
 
@@ -572,6 +626,7 @@ fn node_spec(
         batch,
         cache,
         params,
+        expanded,
         line: lines.line(header),
         key_lines,
     })
@@ -693,6 +748,40 @@ mod tests {
                 "{value}: {e}"
             );
         }
+    }
+
+    /// An empty output, cache or path parameter would mean the working directory: each is
+    /// an error on its own line, saying what expanded to nothing.
+    #[test]
+    fn empty_paths_are_errors_on_their_line() {
+        let text = "[vars]\nblank = \"\"\n[pipeline]\nname = \"x\"\noutput = \"${blank}\"\n\
+                    cache = \"${VOXFLOW_TEST_UNSET_7:-}\"\n[nodes.a]\ntype = \"load\"\n\
+                    image = \"\"\n[nodes.b]\ntype = \"dataset\"\nroot = \"${blank}\"\n\
+                    image = [\"t1.nii\", \"\"]\n";
+        let e = parse(text).unwrap_err();
+        let lines: Vec<(usize, &str)> =
+            e.0.iter()
+                .map(|e| (e.position.map_or(0, |p| p.0), e.message.as_str()))
+                .collect();
+        assert_eq!(
+            lines,
+            [
+                (
+                    5,
+                    "[pipeline]: `output` is empty (after expanding ${blank})"
+                ),
+                (
+                    6,
+                    "[pipeline]: `cache` is empty (after expanding ${VOXFLOW_TEST_UNSET_7:-})"
+                ),
+                (9, "`image` is empty"),
+                (12, "`root` is empty (after expanding ${blank})"),
+                (13, "`image` holds an empty string"),
+            ],
+            "{e}"
+        );
+        let e = parse("[pipeline]\nname = \"\"\n[nodes.a]\ntype = \"load\"\n").unwrap_err();
+        assert!(e.to_string().contains("p.toml:2:") && e.to_string().contains("`name` is empty"));
     }
 
     #[test]

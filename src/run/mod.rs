@@ -840,6 +840,7 @@ mod tests {
             batch: 1,
             cache: true,
             params: toml::Table::new(),
+            expanded: true,
             line: 1,
             key_lines: Default::default(),
         };
