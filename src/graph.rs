@@ -144,7 +144,8 @@ impl Pipeline {
         }
 
         if acyclic {
-            check_input_facts(&file, &stages, &edges, &order, &mut errors);
+            let facts = check_input_facts(&file, &stages, &edges, &order, &mut errors);
+            check_shared_files(&file, &stages, &edges, &facts, &mut errors);
         }
         if acyclic && !sources.is_empty() {
             check_subject_inputs(
@@ -342,14 +343,15 @@ fn check_subject_inputs(
 /// inputs would fail every subject: none of the kinds [`InputSpec::one_of`] asks for (a
 /// `write` fed only Dice scores), or what the stage's own [`Stage::input_problem`] finds (a
 /// `skull_strip` with `method = "mask"` on scans that carry no mask). Nodes whose inputs are
-/// already reported (an unknown name, a wrong count) are not checked again.
+/// already reported (an unknown name, a wrong count) are not checked again. Returns the
+/// facts of every node's value.
 fn check_input_facts(
     file: &PipelineFile,
     stages: &[Option<Arc<dyn Stage>>],
     edges: &[Vec<usize>],
     order: &[usize],
     errors: &mut Vec<ConfigError>,
-) {
+) -> Vec<ValueFacts> {
     let mut facts = vec![ValueFacts::default(); file.nodes.len()];
     for &i in order {
         let Some(stage) = &stages[i] else {
@@ -369,6 +371,49 @@ fn check_input_facts(
         let missing = spec.and_then(|spec| missing_kind_message(spec, &inputs));
         for message in missing.into_iter().chain(stage.input_problem(&inputs)) {
             errors.push(file.error_at(node, Some("inputs"), message));
+        }
+    }
+    facts
+}
+
+/// Reports two nodes sure to write the same file in the output folder ([`Stage::writes`]):
+/// two `report`s, or two `write`s both fed a segmentation. Both would run and the last to
+/// finish would replace the other's file without a word. The later node in the file is
+/// named, with the earlier one's line.
+fn check_shared_files(
+    file: &PipelineFile,
+    stages: &[Option<Arc<dyn Stage>>],
+    edges: &[Vec<usize>],
+    facts: &[ValueFacts],
+    errors: &mut Vec<ConfigError>,
+) {
+    let written: Vec<Vec<&str>> = (0..file.nodes.len())
+        .map(|i| {
+            let inputs: Vec<ValueFacts> = edges[i].iter().map(|&j| facts[j]).collect();
+            stages[i].as_ref().map_or(Vec::new(), |s| s.writes(&inputs))
+        })
+        .collect();
+    let mut by_line: Vec<usize> = (0..file.nodes.len()).collect();
+    by_line.sort_by_key(|&i| file.nodes[i].line);
+    for (n, &later) in by_line.iter().enumerate() {
+        for &earlier in &by_line[..n] {
+            let shared: Vec<&str> = written[later]
+                .iter()
+                .copied()
+                .filter(|name| written[earlier].contains(name))
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            let first = &file.nodes[earlier];
+            let message = format!(
+                "writes {} into the output folder, as node `{}` (line {}) does: the last to \
+                 finish would replace the other's; keep one of them",
+                shared.join(", "),
+                first.name,
+                first.line
+            );
+            errors.push(file.error_at(&file.nodes[later], None, message));
         }
     }
 }

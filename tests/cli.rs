@@ -1380,3 +1380,51 @@ fn an_empty_environment_variable_is_named_where_it_is_used() {
     assert!(msg.contains("hint: 4 problem(s)"), "{msg}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+/// Two `report` nodes would write the same report.json and report.csv (the last one wins,
+/// losing the other's label names): validate names the second with the first's line.
+#[test]
+fn two_reports_into_one_output_are_named_with_both_lines() {
+    let (code, msg) = broken(|p| {
+        format!(
+            "{p}\n[nodes.report_named]\ntype = \"report\"\ninputs = [\"dice\"]\n\
+             lut = \"{}/FreeSurferColorLUT.txt\"\n",
+            data().display()
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    let first = line_of(|l| l == "[nodes.report]");
+    let second = oneshot(&data(), "x", 4.0, Path::new("o")).lines().count() + 2;
+    assert!(
+        msg.contains(&format!("broken.toml:{second}:1: node `report_named`"))
+            && msg.contains("report.csv, report.json")
+            && msg.contains(&format!("node `report` (line {first})")),
+        "{msg}"
+    );
+}
+
+/// Two `write` nodes fed segmentations write the same files for every subject; a second
+/// `write` of something else (a skull-stripped scan's mask) is fine.
+#[test]
+fn two_writes_of_the_same_files_are_named_with_both_lines() {
+    let (code, msg) = broken(|p| {
+        format!("{p}\n[nodes.write_again]\ntype = \"write\"\ninputs = [\"segment\", \"dice\"]\n")
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    let first = line_of(|l| l == "[nodes.write]");
+    assert!(
+        msg.contains("node `write_again`")
+            && msg.contains("<subject>/seg.nii.gz, <subject>/warped_atlas.nii.gz")
+            && !msg.contains("field.nii.gz")
+            && msg.contains(&format!("node `write` (line {first})")),
+        "{msg}"
+    );
+
+    let (code, msg) = broken(|p| {
+        format!(
+            "{p}\n[nodes.strip]\ntype = \"skull_strip\"\ninputs = [\"oriented\"]\n\
+             method = \"auto\"\n\n[nodes.write_mask]\ntype = \"write\"\ninputs = [\"strip\"]\n"
+        )
+    });
+    assert_eq!(code, Some(0), "{msg}");
+}

@@ -422,6 +422,15 @@ pub trait Stage: Send + Sync {
         None
     }
 
+    /// Files this node is sure to write in the output folder, given what is known of its
+    /// inputs (in declared order): names relative to the output folder, with a subject's own
+    /// files under `<subject>/`. `validate` rejects two nodes sure to write the same file,
+    /// since the last to finish would silently replace the other's. Empty (the default) when
+    /// the stage writes nothing or cannot tell.
+    fn writes(&self, _inputs: &[ValueFacts]) -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// Where the engine should run it.
     fn kind(&self) -> StageKind {
         StageKind::Io

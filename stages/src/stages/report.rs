@@ -81,6 +81,10 @@ impl Stage for Report {
         })
     }
 
+    fn writes(&self, _inputs: &[crate::stage::ValueFacts]) -> Vec<&'static str> {
+        vec!["report.csv", "report.json"]
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         Ok(inputs
             .values

@@ -92,6 +92,29 @@ impl Stage for Write {
         })
     }
 
+    /// A segmentation input writes `seg`, `warped_atlas` (and `field`); a scan known to carry
+    /// a mask writes `mask`. Inputs of unknown kind, or scans whose mask is not known, add
+    /// nothing: only what is certain.
+    fn writes(&self, inputs: &[ValueFacts]) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if inputs
+            .iter()
+            .any(|f| f.kind == Some(ValueKind::Scan) && f.mask == Some(true))
+        {
+            names.push("<subject>/mask.nii.gz");
+        }
+        if inputs
+            .iter()
+            .any(|f| f.kind == Some(ValueKind::Segmentation))
+        {
+            names.extend(["<subject>/seg.nii.gz", "<subject>/warped_atlas.nii.gz"]);
+            if self.config.field {
+                names.push("<subject>/field.nii.gz");
+            }
+        }
+        names
+    }
+
     fn process(&self, ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         // Limitation: only the first segmentation and the first masked scan are written;
         // other inputs only order this node after their nodes.
@@ -250,6 +273,41 @@ mod tests {
         assert!(config.field);
         assert!(!toml::from_str::<WriteConfig>("").unwrap().field);
         assert!(toml::from_str::<WriteConfig>("fields = true").is_err());
+    }
+
+    /// What `validate` compares between two `write` nodes: only the files that are sure.
+    #[test]
+    // The facts may gain fields that say nothing of what `write` writes.
+    #[allow(clippy::needless_update)]
+    fn written_names_follow_the_known_input_kinds() {
+        let facts = |kind, mask| ValueFacts {
+            kind,
+            mask,
+            ..ValueFacts::default()
+        };
+        let seg = facts(Some(ValueKind::Segmentation), None);
+        let masked = facts(Some(ValueKind::Scan), Some(true));
+        let maybe = facts(Some(ValueKind::Scan), None);
+        let unknown = facts(None, None);
+        let plain = Write {
+            config: WriteConfig::default(),
+        };
+        let with_field = Write {
+            config: WriteConfig { field: true },
+        };
+        assert_eq!(
+            plain.writes(&[seg, masked]),
+            [
+                "<subject>/mask.nii.gz",
+                "<subject>/seg.nii.gz",
+                "<subject>/warped_atlas.nii.gz"
+            ]
+        );
+        assert_eq!(
+            with_field.writes(&[seg]).last(),
+            Some(&"<subject>/field.nii.gz")
+        );
+        assert!(plain.writes(&[maybe, unknown]).is_empty());
     }
 
     #[test]
