@@ -1428,3 +1428,72 @@ fn two_writes_of_the_same_files_are_named_with_both_lines() {
     });
     assert_eq!(code, Some(0), "{msg}");
 }
+
+/// A tiny scan and brain mask (2×2×2 voxels) as `t1.nii.gz` and `mask.nii.gz` in `dir`.
+fn tiny_subject(dir: &Path) {
+    use voxflow_stages::volume::{Affine, Volume};
+    std::fs::create_dir_all(dir).unwrap();
+    let image = Volume::new(
+        (0..8).map(|v| v as f32).collect(),
+        [2, 2, 2],
+        Affine::identity(),
+    );
+    write_nifti(&dir.join("t1.nii.gz"), &image, DataType::Float32).unwrap();
+    let mask = Volume::new(vec![1.0; 8], [2, 2, 2], Affine::identity());
+    write_nifti(&dir.join("mask.nii.gz"), &mask, DataType::Uint8).unwrap();
+}
+
+/// dataset → load → write: each subject's brain mask written back as `mask.nii.gz`, with
+/// nothing computed in between (no cache).
+fn mask_copy(source: &str) -> String {
+    format!(
+        "[pipeline]\nname = \"masks\"\ncache = false\n\n[nodes.subjects]\ntype = \"dataset\"\n\
+         {source}\n\n[nodes.scan]\ntype = \"load\"\ninputs = [\"subjects\"]\n\n\
+         [nodes.write]\ntype = \"write\"\ninputs = [\"scan\"]\n"
+    )
+}
+
+/// An output folder that is a manifest's own folder puts `s0/mask.nii.gz` where the
+/// manifest's mask is: `write` fails that subject (exit 1) naming the file, which keeps its
+/// bytes, and writes the subject whose files are elsewhere.
+#[test]
+fn write_never_replaces_a_subjects_own_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("study");
+    tiny_subject(&study.join("s0"));
+    tiny_subject(&tmp.path().join("elsewhere/s1"));
+    std::fs::write(
+        study.join("subjects.csv"),
+        "subject,image,mask\ns0,s0/t1.nii.gz,s0/mask.nii.gz\n\
+         s1,../elsewhere/s1/t1.nii.gz,../elsewhere/s1/mask.nii.gz\n",
+    )
+    .unwrap();
+    let before = std::fs::read(study.join("s0/mask.nii.gz")).unwrap();
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        mask_copy(&format!("manifest = \"{}/subjects.csv\"", study.display())),
+    )
+    .unwrap();
+    let out = voxflow(
+        &[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--no-progress",
+            "--output",
+            study.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "{} is this subject's own mask file",
+            study.join("s0/mask.nii.gz").display()
+        )),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(study.join("s0/mask.nii.gz")).unwrap(), before);
+    assert!(study.join("s1/mask.nii.gz").is_file(), "{msg}");
+}

@@ -97,6 +97,8 @@ impl RunOutcome {
 /// One subject on its way through the per-subject nodes.
 struct Record {
     id: String,
+    /// Where the subject's own files are, for stages that must not touch them (`write`).
+    entry: Arc<SubjectEntry>,
     /// Values by node index; constant nodes' values live in [`Shared::constants`].
     values: Vec<Option<Value>>,
     /// Cache keys by node index, for the values this record holds or held.
@@ -266,6 +268,7 @@ async fn run_constants(
                 subject: "<constant>",
                 output_dir: &out,
                 node: &name,
+                entry: None,
             };
             let inputs = Inputs {
                 values: inputs.iter().map(|(n, v)| (n.as_str(), v)).collect(),
@@ -389,10 +392,12 @@ async fn feed(
     let mut entries = entries.into_iter();
     while let Some(entry) = entries.next() {
         let id = entry.id.clone();
+        let entry = Arc::new(entry);
         let mut values = vec![None; n_nodes];
-        values[source] = Some(Value::Entry(Arc::new(entry)));
+        values[source] = Some(Value::Entry(entry.clone()));
         let record = Record {
             id: id.clone(),
+            entry,
             values,
             keys: vec![None; n_nodes],
             failure: None,
@@ -713,6 +718,7 @@ fn context<'a>(shared: &'a Shared, node: usize, record: &'a Record) -> Context<'
         subject: &record.id,
         output_dir: &shared.output,
         node: &shared.pipeline.nodes[node].spec.name,
+        entry: Some(&record.entry),
     }
 }
 
@@ -749,6 +755,7 @@ fn finish_sinks(shared: &Shared, summary: &RunSummary) -> anyhow::Result<Vec<Pat
             subject: "<run>",
             output_dir: &shared.output,
             node: &node.spec.name,
+            entry: None,
         };
         let files = node
             .stage

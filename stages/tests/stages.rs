@@ -34,6 +34,7 @@ fn run(
         subject,
         output_dir: out,
         node: "test",
+        entry: None,
     };
     let inputs = Inputs {
         values: values.iter().map(|v| ("upstream", *v)).collect(),

@@ -333,6 +333,10 @@ pub struct Context<'a> {
     pub output_dir: &'a Path,
     /// The node's name in the pipeline file.
     pub node: &'a str,
+    /// The subject's dataset entry (where its own files are), for per-subject nodes; `None`
+    /// for constant nodes and for a sink's [`Stage::finish`]. `write` never replaces these
+    /// files.
+    pub entry: Option<&'a SubjectEntry>,
 }
 
 /// One subject's outcome, as the engine saw it; given to sinks at the end of a run.

@@ -296,6 +296,7 @@ mod tests {
             subject: "s1",
             output_dir: std::path::Path::new("."),
             node: "conformed",
+            entry: None,
         };
         match stage.process(&ctx, &inputs).unwrap() {
             Value::Scan(s) => s,
@@ -406,6 +407,7 @@ mod tests {
             subject: "s1",
             output_dir: std::path::Path::new("."),
             node: "c",
+            entry: None,
         };
         assert!(stage.process(&ctx, &inputs).is_err());
     }

@@ -715,6 +715,7 @@ mod tests {
             subject: "s2",
             output_dir: dir.path(),
             node: "subjects",
+            entry: None,
         };
         let value = stage.process(&ctx, &Inputs::default()).unwrap();
         assert!(matches!(value, Value::Entry(e) if e.id == "s2"));

@@ -331,6 +331,7 @@ mod tests {
             subject: "<constant>",
             output_dir: Path::new("."),
             node: "atlas",
+            entry: None,
         };
         assert!(stage.process(&ctx, &Inputs::default()).is_err());
     }

@@ -177,6 +177,7 @@ mod tests {
             subject: "s1",
             output_dir: std::path::Path::new("."),
             node: "normalized",
+            entry: None,
         };
         match stage.process(&ctx, &inputs)? {
             Value::Scan(s) => Ok(s),

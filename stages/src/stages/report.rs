@@ -328,6 +328,7 @@ mod tests {
             subject: "<constant>",
             output_dir: &dir.path().join("out"),
             node: "report",
+            entry: None,
         };
         let files = report.finish(&ctx, &summary).unwrap();
         assert_eq!(files.len(), 2);
@@ -386,6 +387,7 @@ mod tests {
             subject: "<run>",
             output_dir: dir.path(),
             node: "report",
+            entry: None,
         };
         let report = Report {
             names: HashMap::new(),

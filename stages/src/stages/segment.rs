@@ -192,6 +192,7 @@ mod tests {
             subject: "s1",
             output_dir: std::path::Path::new("."),
             node: "segmented",
+            entry: None,
         };
         for interp in [LabelInterp::Nearest, LabelInterp::Linear] {
             let stage = SegmentConfig { interp }.build().unwrap();

@@ -563,6 +563,7 @@ mod tests {
             subject: "s1",
             output_dir: std::path::Path::new("."),
             node: "stripped",
+            entry: None,
         };
         match stage.process(&ctx, &inputs)? {
             Value::Scan(s) => Ok(s),

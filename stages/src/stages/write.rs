@@ -6,6 +6,10 @@
 //! `seg.nii.gz` overlays the subject's image in any viewer even when the pipeline declared
 //! the file's true orientation with `conform.assume_orientation`.
 //!
+//! A file about to be replaced that is one of the subject's own inputs (its image, labels or
+//! mask) fails the subject instead, before anything is written: an output folder overlapping
+//! the dataset must not turn ground truth into predictions.
+//!
 //! Left out: writing intermediate scans (other inputs are ignored), and the affine part of
 //! the transform in `field.nii.gz`, which holds the displacement alone.
 
@@ -141,6 +145,17 @@ impl Stage for Write {
             )));
         }
         let dir = ctx.output_dir.join(ctx.subject);
+        let mut targets = Vec::new();
+        if masked.is_some() {
+            targets.push(dir.join("mask.nii.gz"));
+        }
+        if seg.is_some() {
+            targets.extend(["seg.nii.gz", "warped_atlas.nii.gz"].map(|n| dir.join(n)));
+            if self.config.field {
+                targets.push(dir.join("field.nii.gz"));
+            }
+        }
+        refuse_own_files(ctx, &targets)?;
         std::fs::create_dir_all(&dir).map_err(|error| IoError::Os {
             path: dir.clone(),
             error,
@@ -176,6 +191,39 @@ impl Stage for Write {
         }
         Ok(Value::Written(Arc::new(written)))
     }
+}
+
+/// Fails the subject when a file `write` is about to replace is one of the subject's own
+/// input files (its image, labels or mask, as its dataset entry names them): an output folder
+/// that overlaps the dataset (a manifest's folder, a link into the dataset) would otherwise
+/// replace the subject's ground truth with the prediction.
+fn refuse_own_files(ctx: &Context<'_>, targets: &[PathBuf]) -> Result<(), StageError> {
+    let Some(entry) = ctx.entry else {
+        return Ok(());
+    };
+    let own = [
+        ("image", Some(&entry.image)),
+        ("labels", entry.labels.as_ref()),
+        ("mask", entry.mask.as_ref()),
+    ];
+    for target in targets {
+        // A file that does not exist yet is no input; one that does is compared as the
+        // file system resolves it (links, `..`).
+        let Ok(resolved) = target.canonicalize() else {
+            continue;
+        };
+        for (what, path) in own.iter().filter_map(|(w, p)| Some((w, (*p)?))) {
+            if path.canonicalize().is_ok_and(|p| p == resolved) {
+                return Err(StageError::Input(format!(
+                    "write: {} is this subject's own {what} file ({}); refusing to replace it \
+                     with a result: choose an output folder outside the dataset",
+                    target.display(),
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn save(path: &Path, volume: &Volume, dtype: DataType) -> Result<PathBuf, StageError> {
@@ -273,6 +321,59 @@ mod tests {
         assert!(config.field);
         assert!(!toml::from_str::<WriteConfig>("").unwrap().field);
         assert!(toml::from_str::<WriteConfig>("fields = true").is_err());
+    }
+
+    /// A subject whose own mask sits where `write` would put `mask.nii.gz` (an output folder
+    /// that is the manifest's folder) fails, naming the file, and the file keeps its bytes.
+    #[test]
+    fn a_subjects_own_file_is_never_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let own = tmp.path().join("s0");
+        std::fs::create_dir(&own).unwrap();
+        let volume = Volume::new(vec![1.0; 8], [2, 2, 2], crate::volume::Affine::identity());
+        for name in ["t1.nii.gz", "mask.nii.gz"] {
+            write_nifti(&own.join(name), &volume, DataType::Uint8).unwrap();
+        }
+        let before = std::fs::read(own.join("mask.nii.gz")).unwrap();
+        let mut scan = crate::stage::Scan::from_image(volume.clone());
+        scan.mask = Some(Arc::new(Volume::new(
+            vec![0.0; 8],
+            [2, 2, 2],
+            crate::volume::Affine::identity(),
+        )));
+        let scan = Value::Scan(Arc::new(scan));
+        let entry = crate::stage::SubjectEntry {
+            id: "s0".into(),
+            image: own.join("t1.nii.gz"),
+            labels: None,
+            // Spelt another way than the target: compared as the file system resolves it.
+            mask: Some(tmp.path().join("s0/../s0/mask.nii.gz")),
+        };
+        let write = Write {
+            config: WriteConfig::default(),
+        };
+        let inputs = Inputs {
+            values: vec![("scan", &scan)],
+        };
+        let mut ctx = Context {
+            subject: "s0",
+            output_dir: tmp.path(),
+            node: "write",
+            entry: Some(&entry),
+        };
+        let err = write.process(&ctx, &inputs).unwrap_err().to_string();
+        assert!(
+            err.contains(&own.join("mask.nii.gz").display().to_string())
+                && err.contains("this subject's own mask file"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(own.join("mask.nii.gz")).unwrap(), before);
+
+        // Into another folder the same subject is written.
+        let elsewhere = tmp.path().join("out");
+        ctx.output_dir = &elsewhere;
+        assert!(write.process(&ctx, &inputs).is_ok());
+        assert!(elsewhere.join("s0/mask.nii.gz").is_file());
     }
 
     /// What `validate` compares between two `write` nodes: only the files that are sure.
