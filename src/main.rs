@@ -187,12 +187,13 @@ fn dispatch(command: Command, bars: Option<indicatif::MultiProgress>) -> anyhow:
         Command::Validate { file } => Ok(match voxflow::load_pipeline(&file) {
             Ok(p) => {
                 // Listing the dataset is cheap (names, not volumes) and catches a pattern or
-                // manifest that names no subject before a night's run finds it.
+                // manifest that names no subject, or an `output` among the dataset's files,
+                // before a night's run finds it.
                 let Some(source) = p.nodes.iter().find(|n| n.source) else {
                     println!("{}: ok ({} nodes)", file.display(), p.nodes.len());
                     return Ok(ExitCode::SUCCESS);
                 };
-                match source.stage.subjects() {
+                match source.stage.subjects_for_run(&p.settings.output) {
                     Some(Err(e)) => {
                         eprintln!(
                             "error: {}:{}:1: node `{}`: cannot list the dataset: {e}",

@@ -1429,6 +1429,68 @@ fn two_writes_of_the_same_files_are_named_with_both_lines() {
     assert_eq!(code, Some(0), "{msg}");
 }
 
+/// The tester's case: `--output` equal to the dataset root (or a folder holding it, or a
+/// link to it, however spelt) would replace each subject's `seg.nii.gz` with the
+/// prediction. The run stops before writing anything (not even its lock file), exit 2,
+/// naming both folders; `validate` catches the same `output` in the file.
+#[test]
+fn an_output_folder_that_is_or_holds_the_dataset_root_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("x");
+    let subject = root.join("s0");
+    std::fs::create_dir_all(&subject).unwrap();
+    for name in ["norm.nii.gz", "seg.nii.gz"] {
+        std::fs::copy(
+            data().join("oasis_like_subject").join(name),
+            subject.join(name),
+        )
+        .unwrap();
+    }
+    let truth = std::fs::read(subject.join("seg.nii.gz")).unwrap();
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(&pipeline, oneshot(&root, "*", 4.0, &tmp.path().join("out"))).unwrap();
+    std::os::unix::fs::symlink(&root, tmp.path().join("link")).unwrap();
+
+    for output in [
+        root.clone(),
+        tmp.path().to_path_buf(),
+        tmp.path().join("link"),
+        root.join("not-yet/.."),
+    ] {
+        let out = voxflow(
+            &[
+                "run",
+                pipeline.to_str().unwrap(),
+                "--no-progress",
+                "--output",
+                output.to_str().unwrap(),
+            ],
+            tmp.path(),
+        );
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{}: {msg}", output.display());
+        assert!(
+            msg.contains(&format!("output folder {}", output.display()))
+                && msg.contains(&format!("dataset root {}", root.display())),
+            "{}: {msg}",
+            output.display()
+        );
+    }
+    assert_eq!(std::fs::read(subject.join("seg.nii.gz")).unwrap(), truth);
+    let mut left: Vec<String> = files_under(&root)
+        .iter()
+        .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["s0/norm.nii.gz", "s0/seg.nii.gz"]);
+
+    let in_file = tmp.path().join("in-file.toml");
+    std::fs::write(&in_file, oneshot(&root, "*", 4.0, &root)).unwrap();
+    let out = voxflow(&["validate", in_file.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("is the dataset root"), "{}", text(&out));
+}
+
 /// A tiny scan and brain mask (2×2×2 voxels) as `t1.nii.gz` and `mask.nii.gz` in `dir`.
 fn tiny_subject(dir: &Path) {
     use voxflow_stages::volume::{Affine, Volume};
@@ -1496,4 +1558,44 @@ fn write_never_replaces_a_subjects_own_file() {
     );
     assert_eq!(std::fs::read(study.join("s0/mask.nii.gz")).unwrap(), before);
     assert!(study.join("s1/mask.nii.gz").is_file(), "{msg}");
+}
+
+/// `root = "."` and `pattern = "*"`: `.git` is no subject, and the second run does not
+/// find the first run's `out/` as one.
+#[test]
+fn hidden_folders_and_the_runs_own_output_are_no_subjects() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in ["s1", "s2", ".git", ".datalad"] {
+        tiny_subject(&tmp.path().join(dir));
+    }
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        mask_copy("root = \".\"\npattern = \"*\"\nimage = \"t1.nii.gz\"\nmask = \"mask.nii.gz\""),
+    )
+    .unwrap();
+    for run in 1..=2 {
+        let out = voxflow(&["run", "p.toml", "--no-progress"], tmp.path());
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {msg}");
+        assert!(msg.contains("2 subjects, 0 failed"), "run {run}: {msg}");
+        let validated = voxflow(&["validate", "p.toml"], tmp.path());
+        assert!(
+            text(&validated).contains("(3 nodes, 2 subjects)"),
+            "{}",
+            text(&validated)
+        );
+    }
+    let mut written: Vec<String> = files_under(&tmp.path().join("out/masks"))
+        .iter()
+        .map(|f| f.strip_prefix(tmp.path()).unwrap().display().to_string())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "out/masks/.voxflow.lock",
+            "out/masks/s1/mask.nii.gz",
+            "out/masks/s2/mask.nii.gz"
+        ]
+    );
 }

@@ -132,8 +132,9 @@ struct Shared {
 /// Runs `pipeline` to the end.
 ///
 /// # Errors
-/// Only for problems that stop the whole run: the output directory cannot be made, the
-/// dataset cannot be listed, a constant node (the atlas) fails. A failing subject is not an
+/// Only for problems that stop the whole run: the dataset cannot be listed or the output
+/// directory is among its files, the output directory cannot be made, a constant node (the
+/// atlas) fails. A failing subject is not an
 /// error here: it is counted in the outcome.
 pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
@@ -141,6 +142,9 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         .output
         .clone()
         .unwrap_or_else(|| pipeline.settings.output.clone());
+    // Listed first: the source refuses an output folder among the dataset's files before
+    // anything (even the lock file) is written there.
+    let entries = list_subjects(&pipeline, &output)?;
     fs_err::create_dir_all(&output).context("cannot create the output directory")?;
     let _lock = lock_output(&output)?;
 
@@ -150,7 +154,6 @@ pub async fn run(pipeline: Pipeline, options: RunOptions) -> anyhow::Result<RunO
         options.cache_max_gb,
     ));
     let (constants, constant_keys) = run_constants(&pipeline, &cache, &output).await?;
-    let entries = list_subjects(&pipeline)?;
     info!(pipeline = %pipeline.settings.name, subjects = entries.len(), output = %output.display(),
         "Starting run");
 
@@ -291,11 +294,20 @@ async fn run_constants(
     Ok((values, keys))
 }
 
-fn list_subjects(pipeline: &Pipeline) -> anyhow::Result<Vec<SubjectEntry>> {
+/// The subjects of a run writing into `output` ([`Stage::subjects_for_run`]).
+///
+/// [`Stage::subjects_for_run`]: voxflow_stages::stage::Stage::subjects_for_run
+fn list_subjects(
+    pipeline: &Pipeline,
+    output: &std::path::Path,
+) -> anyhow::Result<Vec<SubjectEntry>> {
     let Some(source) = pipeline.nodes.iter().find(|n| n.source) else {
         return Ok(Vec::new());
     };
-    let listed = source.stage.subjects().expect("source nodes list subjects");
+    let listed = source
+        .stage
+        .subjects_for_run(output)
+        .expect("source nodes list subjects");
     listed.with_context(|| format!("source node `{}` cannot list the dataset", source.spec.name))
 }
 

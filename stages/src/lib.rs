@@ -7,11 +7,13 @@
 //!   and bias-field correction;
 //! - [`stage`]: the contract between engine and stages, and the values they exchange;
 //! - [`register`]: atlas-to-subject registration on libtorch tensors;
-//! - [`stages`]: the built-in stages, and [`registry`] that builds them from pipeline files.
+//! - [`stages`]: the built-in stages, and [`registry`] that builds them from pipeline files;
+//! - [`paths`]: paths compared as the file system resolves them (output vs. dataset).
 #![deny(missing_docs)]
 
 pub mod intensity;
 pub mod io;
+pub mod paths;
 pub mod register;
 pub mod registry;
 pub mod resample;

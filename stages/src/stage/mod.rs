@@ -483,4 +483,17 @@ pub trait Stage: Send + Sync {
     fn subjects(&self) -> Option<Result<Vec<SubjectEntry>, StageError>> {
         None
     }
+
+    /// For source nodes: the subjects of a run that writes into `output`, which must not
+    /// land among the subjects' own files. The default is [`Stage::subjects`]; `dataset`
+    /// refuses an `output` that is its root or holds it, and leaves out subject folders that
+    /// are, lie inside or hold `output` (a second run must not find the first's results as
+    /// a subject).
+    ///
+    /// # Errors
+    /// As [`Stage::subjects`], and when `output` would put the run's files among the
+    /// dataset's.
+    fn subjects_for_run(&self, _output: &Path) -> Option<Result<Vec<SubjectEntry>, StageError>> {
+        self.subjects()
+    }
 }

@@ -5,6 +5,11 @@
 //! only looks at names; it never opens a volume, so a subject whose image is missing still
 //! yields an entry and fails alone in `load`, with the other subjects going on.
 //!
+//! A run's listing ([`Stage::subjects_for_run`]) knows the output folder: one that is the
+//! root or holds it is refused (the results would replace the subjects' files), and folders
+//! that are, lie inside or hold it are no subjects (`out/` under `root = "."`). Hidden names
+//! (`.git`) match only a pattern that spells the dot.
+//!
 //! Left out: BIDS-style discovery (sessions, entities in file names) and per-subject globs
 //! for the file names; both can be expressed as a manifest.
 
@@ -56,7 +61,9 @@ pub struct DatasetConfig {
     /// Folder holding one sub-folder per subject. Exclusive with `manifest`.
     pub root: Option<PathBuf>,
     /// Glob (or list of globs), relative to `root`, matching the subject folders. Default
-    /// `"*"`.
+    /// `"*"`. A name starting with `.` (`.git`, `.datalad`) matches only a pattern that
+    /// spells the dot (`.*`, `.hidden`), and the run's own output folder, what lies inside
+    /// it and a folder holding it are never subjects.
     #[serde(default = "default_pattern")]
     pub pattern: Names,
     /// Image file name (or candidates) inside each subject folder. Required with `root`.
@@ -201,6 +208,30 @@ impl Dataset {
     /// # Errors
     /// If the root or manifest cannot be read, nothing matches, or two subjects share an id.
     pub fn list(&self) -> Result<Vec<SubjectEntry>, StageError> {
+        self.list_skipping(None)
+    }
+
+    /// [`Dataset::list`] for a run writing into `output`: refused when `output` is the root
+    /// or holds it, and without the folders that are, lie inside or hold `output`. The
+    /// listing is kept for [`Stage::process`]. A manifest names its files itself and is
+    /// listed as it is (`write` still refuses to replace a subject's own file).
+    ///
+    /// # Errors
+    /// As [`Dataset::list`], and when `output` is the root or a folder holding it.
+    pub fn list_for_run(&self, output: &Path) -> Result<Arc<Vec<SubjectEntry>>, StageError> {
+        let Layout::Folders { root, .. } = &self.layout else {
+            return self.listing();
+        };
+        if crate::paths::is_within(root, output) {
+            return Err(output_holds_root(root, output));
+        }
+        let entries = Arc::new(self.list_skipping(Some(output))?);
+        *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = Some(entries.clone());
+        Ok(entries)
+    }
+
+    /// [`Dataset::list`], leaving out the folders that are, lie inside or hold `output`.
+    fn list_skipping(&self, output: Option<&Path>) -> Result<Vec<SubjectEntry>, StageError> {
         let mut entries = match &self.layout {
             Layout::Folders {
                 root,
@@ -210,8 +241,13 @@ impl Dataset {
                 mask,
             } => {
                 let mut entries = Vec::new();
+                let names = FileNames {
+                    image,
+                    labels: labels.as_ref(),
+                    mask: mask.as_ref(),
+                };
                 for glob in pattern.items() {
-                    for entry in list_folders(root, glob, image, labels.as_ref(), mask.as_ref())? {
+                    for entry in list_folders(root, glob, &names, output)? {
                         // One folder matched by two globs is one subject; two folders whose
                         // ids collide (`a/b_c` and `a_b/c`) are caught below.
                         if !entries
@@ -311,16 +347,57 @@ impl Stage for Dataset {
     fn subjects(&self) -> Option<Result<Vec<SubjectEntry>, StageError>> {
         Some(self.listing().map(|entries| entries.as_ref().clone()))
     }
+
+    fn subjects_for_run(&self, output: &Path) -> Option<Result<Vec<SubjectEntry>, StageError>> {
+        Some(
+            self.list_for_run(output)
+                .map(|entries| entries.as_ref().clone()),
+        )
+    }
+}
+
+/// Why a run may not write into `output`: it is the dataset's `root`, or holds it, so the
+/// run's files would land among (and replace) the subjects' own.
+fn output_holds_root(root: &Path, output: &Path) -> StageError {
+    let (resolved_root, resolved_output) =
+        (crate::paths::resolve(root), crate::paths::resolve(output));
+    let shown = |given: &Path, resolved: &Path| {
+        if given == resolved {
+            format!("{}", given.display())
+        } else {
+            format!("{} ({})", given.display(), resolved.display())
+        }
+    };
+    let relation = if resolved_root == resolved_output {
+        "is"
+    } else {
+        "holds"
+    };
+    StageError::Input(format!(
+        "dataset: the output folder {} {relation} the dataset root {}: the run would write its \
+         results among the subjects' own files (a subject's labels replaced by the \
+         prediction); choose an output folder outside the dataset",
+        shown(output, &resolved_output),
+        shown(root, &resolved_root),
+    ))
+}
+
+/// The file names (or candidates) each subject folder holds.
+struct FileNames<'a> {
+    image: &'a Names,
+    labels: Option<&'a Names>,
+    mask: Option<&'a Names>,
 }
 
 /// One entry per folder under `root` matching `pattern`; ids are the folders' paths relative
 /// to `root` with separators turned into `_` (the folder name for a one-level pattern).
+/// Names starting with `.` match only where the pattern spells the dot; folders that are,
+/// lie inside or hold `output` (the run's own) are left out.
 fn list_folders(
     root: &Path,
     pattern: &str,
-    image: &Names,
-    labels: Option<&Names>,
-    mask: Option<&Names>,
+    names: &FileNames<'_>,
+    output: Option<&Path>,
 ) -> Result<Vec<SubjectEntry>, StageError> {
     if !root.is_dir() {
         return Err(StageError::Input(format!(
@@ -333,9 +410,13 @@ fn list_folders(
         glob::Pattern::escape(&root.to_string_lossy()),
         pattern
     );
+    // Not `require_literal_leading_dot`: glob 0.3 then drops every hidden name, even where
+    // the pattern spells the dot; `hidden_unasked` below applies the rule instead.
     let paths = glob::glob(&full)
         .map_err(|e| StageError::Input(format!("dataset: pattern {pattern:?}: {e}")))?;
+    let output = output.map(crate::paths::resolve);
     let mut entries = Vec::new();
+    let mut skipped = 0;
     for path in paths {
         let dir = path.map_err(|e| StageError::Input(format!("dataset: {e}")))?;
         // A link to a folder that is gone is a subject whose files are missing, not a plain
@@ -344,28 +425,88 @@ fn list_folders(
         if !dir.is_dir() && !dangling {
             continue;
         }
+        // A pattern spelling the dot (`.*`) also matches `.` and `..`: the root itself and
+        // its parent, neither a subject folder.
+        let rel = dir.strip_prefix(root).unwrap_or(&dir);
+        let plain = |c: std::path::Component<'_>| matches!(c, std::path::Component::Normal(_));
+        if rel.as_os_str().is_empty() || !rel.components().all(plain) {
+            continue;
+        }
+        if hidden_unasked(rel, pattern) {
+            tracing::debug!(folder = %dir.display(), "Hidden folder skipped");
+            continue;
+        }
         let id = subject_id(root, &dir);
+        if let Some(output) = &output
+            && is_output_folder(&dir, output, names.image)
+        {
+            skipped += 1;
+            continue;
+        }
         if dangling {
             tracing::warn!(subject = %id, link = %dir.display(), "Subject folder is a broken link");
         }
-        let image = image.pick(&dir);
+        let image = names.image.pick(&dir);
         if !image.is_file() {
             tracing::debug!(subject = %id, image = %image.display(), "Subject folder lacks its image; kept");
         }
         entries.push(SubjectEntry {
             id,
             image,
-            labels: labels.map(|names| names.pick(&dir)),
-            mask: mask.map(|names| names.pick(&dir)),
+            labels: names.labels.map(|names| names.pick(&dir)),
+            mask: names.mask.map(|names| names.pick(&dir)),
         });
     }
     if entries.is_empty() {
+        let besides = match skipped {
+            0 => String::new(),
+            _ => " besides the run's output folder".to_string(),
+        };
         return Err(StageError::Input(format!(
-            "dataset: no subject folder under root {} matches pattern {pattern:?}",
+            "dataset: no subject folder under root {} matches pattern {pattern:?}{besides}",
             root.display()
         )));
     }
     Ok(entries)
+}
+
+/// Whether `rel` (a matched folder, relative to the root) has a name starting with `.` where
+/// `pattern` does not spell the dot: `.git` under `*` is no subject, under `.*` it is. Where
+/// the pattern's parts do not line up with the folder's (`**`), a hidden name needs a dot
+/// anywhere in the pattern.
+fn hidden_unasked(rel: &Path, pattern: &str) -> bool {
+    let parts: Vec<&str> = pattern
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let aligned = !parts.contains(&"**");
+    rel.components().enumerate().any(|(i, c)| {
+        let hidden = c.as_os_str().to_string_lossy().starts_with('.');
+        let spelt = match parts.get(i) {
+            Some(part) if aligned => part.starts_with('.'),
+            _ => parts.iter().any(|p| p.starts_with('.')),
+        };
+        hidden && !spelt
+    })
+}
+
+/// Whether `dir` is the run's `output` folder (resolved), lies inside it or holds it: then
+/// it is no subject, but the first run's results (`out/` under a root of `.`). Logged, as a
+/// warning when the folder holds a subject's image after all.
+fn is_output_folder(dir: &Path, output: &Path, image: &Names) -> bool {
+    let resolved = crate::paths::resolve(dir);
+    if !resolved.starts_with(output) && !output.starts_with(&resolved) {
+        return false;
+    }
+    let folder = dir.display();
+    if image.pick(dir).is_file() {
+        tracing::warn!(%folder, output = %output.display(),
+            "Skipping a subject folder: it is, lies inside or holds the run's output folder");
+    } else {
+        tracing::info!(%folder, output = %output.display(),
+            "Skipping the run's output folder: it is not a subject");
+    }
+    true
 }
 
 // Limitation: ids built from nested folders (`a/b` → `a_b`) can collide with a folder that
@@ -639,6 +780,74 @@ mod tests {
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["good", "linked"]);
         assert!(!entries[1].image.exists());
+    }
+
+    /// `.git` and `.datalad` are no subjects under `pattern = "*"`; a pattern that spells
+    /// the dot still reaches a hidden folder.
+    #[test]
+    fn hidden_folders_match_only_a_pattern_that_spells_the_dot() {
+        let dir = folders(&["s1", ".git", ".datalad", "s2/.hidden"]);
+        let ids = |pattern: &str| -> Vec<String> {
+            let stage = dataset(&format!(
+                "root = {:?}\npattern = {pattern:?}\nimage = \"t1.nii.gz\"",
+                dir.path()
+            ));
+            let entries = stage.subjects().unwrap().unwrap();
+            entries.into_iter().map(|e| e.id).collect()
+        };
+        assert_eq!(ids("*"), ["s1", "s2"]);
+        // `s2/.hidden` is the only folder two levels down.
+        assert!(listing_error(dir.path(), "*/*").contains("no subject folder"));
+        assert_eq!(ids(".*"), [".datalad", ".git"]);
+        assert_eq!(ids("*/.hidden"), ["s2_.hidden"]);
+    }
+
+    /// A run writing into `root/out/run` lists neither `out` (which holds it) nor the output
+    /// folder; one writing into the root itself, or a folder holding it (however spelt), is
+    /// refused, naming both folders.
+    #[test]
+    fn the_runs_output_folder_is_no_subject_and_may_not_hold_the_root() {
+        let dir = folders(&["s1", "s2", "out/run/s1"]);
+        let root = dir.path().join("data");
+        std::fs::create_dir(&root).unwrap();
+        for name in ["a", "b", "c"] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+        }
+        let listed = |root: &Path, output: &Path| {
+            let stage = dataset(&format!("root = {root:?}\nimage = \"t1.nii.gz\""));
+            stage
+                .subjects_for_run(output)
+                .unwrap()
+                .map(|entries| entries.into_iter().map(|e| e.id).collect::<Vec<_>>())
+                .map_err(|e| e.to_string())
+        };
+        let top = dir.path();
+        assert_eq!(
+            listed(top, &top.join("out/run")).unwrap(),
+            ["data", "s1", "s2"]
+        );
+        assert_eq!(
+            listed(top, &top.join("s2/results")).unwrap(),
+            ["data", "out", "s1"],
+            "a subject folder holding the output is skipped"
+        );
+        assert_eq!(listed(&root, &top.join("out")).unwrap(), ["a", "b", "c"]);
+
+        std::os::unix::fs::symlink(&root, top.join("link")).unwrap();
+        for output in [
+            root.clone(),
+            top.to_path_buf(),
+            top.join("link"),
+            root.join("new/.."),
+        ] {
+            let err = listed(&root, &output).unwrap_err();
+            assert!(
+                err.contains(&format!("output folder {}", output.display()))
+                    && err.contains(&format!("dataset root {}", root.display())),
+                "{}: {err}",
+                output.display()
+            );
+        }
     }
 
     /// Ids that cannot be output folders are all named at once, before anything runs.
