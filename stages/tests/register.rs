@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+mod common;
+
 use voxflow_stages::register::{RegisterConfig, register, register_batch, warp_labels_linear};
 use voxflow_stages::resample::{Interp, map_point, resample, warp};
 use voxflow_stages::stage::{Scan, Transform};
@@ -394,39 +396,13 @@ fn real_pair_at_4mm_beats_the_dice_floor() {
     assert!(dice > 0.68, "mean Dice {dice}");
 }
 
-/// `v` with Rician noise of standard deviation `sigma` (the magnitude of a complex signal
-/// with Gaussian noise in both channels, as in a scanner's magnitude images: the background
-/// is lifted to about 1.25 σ), from a fixed-seed generator.
-fn rician(v: &Volume, sigma: f64) -> Volume {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut gaussian = move || {
-        let (u, w) = (uniform(), uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * w).cos()
-    };
-    v.with_data(
-        v.data
-            .iter()
-            .map(|&x| {
-                let (re, im) = (x as f64 + sigma * gaussian(), sigma * gaussian());
-                (re * re + im * im).sqrt() as f32
-            })
-            .collect(),
-    )
-}
-
 #[test]
 fn a_scan_with_background_noise_is_registered_as_well_as_a_clean_one() {
     let atlas = read("fsaverage/brain.mgz");
     let atlas_labels = read("fsaverage/aseg.mgz");
     let (subject, truth) = oasis();
     // 3 % of the subject's range (0 to 0.98): a typical magnitude-image background.
-    let noisy = rician(&subject, 0.03);
+    let noisy = common::rician(&subject, 0.03);
     let t = register(
         &Scan::from_image(atlas),
         &Scan::from_image(noisy),
