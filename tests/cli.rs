@@ -1230,3 +1230,44 @@ fn sigterm_before_any_subject_finishes_reports_every_subject_not_run() {
     );
     assert_eq!(json["per_subject"], serde_json::json!([]), "{json:#}");
 }
+
+/// The README's recipe for one's own dataset: the bundled pipeline, its `subjects` and
+/// `subject_pattern` set from the shell, runs every subject folder found there.
+#[test]
+fn the_bundled_pipeline_runs_on_another_dataset_from_the_shell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let subject = tmp.path().join("lab dataset").join("sub-01");
+    std::fs::create_dir_all(&subject).unwrap();
+    for name in ["norm.nii.gz", "seg.nii.gz"] {
+        std::fs::copy(
+            data().join("oasis_like_subject").join(name),
+            subject.join(name),
+        )
+        .unwrap();
+    }
+    let out = tmp.path().join("out");
+    let run = command(
+        &[
+            "run",
+            "pipelines/oneshot-aseg.toml",
+            "--no-progress",
+            "--no-cache",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    )
+    .env("subjects", tmp.path().join("lab dataset"))
+    .env("subject_pattern", "sub-*")
+    .output()
+    .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(out.join("sub-01").join("seg.nii.gz").is_file());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("sub-01") && !text.contains("oasis_like_subject"),
+        "{text}"
+    );
+}
