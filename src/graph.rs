@@ -4,8 +4,8 @@
 //! the stage's own config reports unknown or missing parameters), checks that every input
 //! names a node, that there is no cycle and at most one source, that every file a stage
 //! will read exists, and that each node's inputs can work: their number and kinds, and what
-//! is known of them before anything runs (a scan that carries no brain mask where one is
-//! needed). It returns every problem found, each located in the file.
+//! is known of them before anything runs (a scan that carries no brain mask, or no label
+//! map, where one is needed). It returns every problem found, each located in the file.
 //!
 //! A node is *per subject* when it is the source or has a per-subject input, and *constant*
 //! otherwise: constant nodes (the atlas and what is derived from it alone) run once and
@@ -339,10 +339,11 @@ fn check_subject_inputs(
 }
 
 /// Works out, from the source down, what is known of each node's value
-/// ([`ValueFacts`]: its kind, whether its scans carry a brain mask), and reports nodes whose
-/// inputs would fail every subject: none of the kinds [`InputSpec::one_of`] asks for (a
-/// `write` fed only Dice scores), or what the stage's own [`Stage::input_problem`] finds (a
-/// `skull_strip` with `method = "mask"` on scans that carry no mask). Nodes whose inputs are
+/// ([`ValueFacts`]: its kind, whether its scans carry a brain mask and a label map), and
+/// reports nodes whose inputs would fail every subject: none of the kinds
+/// [`InputSpec::one_of`] asks for (a `write` fed only Dice scores), or what the stage's own
+/// [`Stage::input_problem`] finds (a `skull_strip` with `method = "mask"` on scans that carry
+/// no mask, a `dice` scoring against subjects without label maps). Nodes whose inputs are
 /// already reported (an unknown name, a wrong count) are not checked again. Returns the
 /// facts of every node's value.
 fn check_input_facts(
@@ -362,6 +363,7 @@ fn check_input_facts(
         facts[i] = ValueFacts {
             kind: stage.output(),
             mask: stage.output_mask(&inputs),
+            labels: stage.output_labels(&inputs),
         };
         let spec = stage.inputs();
         let counted = spec.is_none_or(|s| (s.min..=s.max).contains(&inputs.len()));

@@ -623,6 +623,144 @@ fn a_write_with_nothing_to_write_is_named_with_its_line() {
     );
 }
 
+/// `dice` scores against the subject scan's label map: a dataset that declares no `labels`
+/// would fail every subject, so `validate` names the node and its `inputs` line. `segment`
+/// does not need the subject's labels and says nothing.
+#[test]
+fn dice_against_subjects_without_label_maps_is_named_with_its_line() {
+    let (code, msg) = broken(|p| p);
+    assert_eq!(code, Some(0), "the unedited pipeline: {msg}");
+
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "image = \"norm.nii.gz\"\nlabels = \"seg.nii.gz\"\n",
+            "image = \"norm.nii.gz\"\n",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `dice`") && msg.contains("the subjects there have no label maps"),
+        "{msg}"
+    );
+    assert!(!msg.contains("node `segment`"), "{msg}");
+    // The line in the edited file, one line shorter than the one `line_of` reads.
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "inputs = [\"segment\", \"oriented\"]") - 1,
+        "{msg}"
+    );
+
+    // A manifest: no row with labels is named too; when only some rows have labels, each
+    // subject without them fails on its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let subject = data().join("oasis_like_subject");
+    let as_manifest = |cells: &[&str]| {
+        let mut rows = "subject,image,labels\n".to_string();
+        for (n, cell) in cells.iter().enumerate() {
+            let labels = if cell.is_empty() {
+                String::new()
+            } else {
+                subject.join(cell).display().to_string()
+            };
+            rows += &format!("s{n},{},{labels}\n", subject.join("norm.nii.gz").display());
+        }
+        let path = tmp.path().join(format!("m{}.csv", cells.join("-")));
+        std::fs::write(&path, rows).unwrap();
+        move |p: String| {
+            let from = p.find("root = ").expect("the dataset's root");
+            let to = from + p[from..].find("\n\n").expect("the end of the dataset node");
+            format!(
+                "{}manifest = \"{}\"{}",
+                &p[..from],
+                path.display(),
+                &p[to..]
+            )
+        }
+    };
+    let (code, msg) = broken(as_manifest(&["", ""]));
+    assert_eq!(code, Some(2), "no row has labels: {msg}");
+    assert!(msg.contains("node `dice`"), "{msg}");
+    let (code, msg) = broken(as_manifest(&["seg.nii.gz", "seg.nii.gz"]));
+    assert_eq!(code, Some(0), "every row has labels: {msg}");
+    let (code, msg) = broken(as_manifest(&["seg.nii.gz", ""]));
+    assert_eq!(code, Some(0), "some rows have labels: {msg}");
+}
+
+/// `segment` carries the atlas scan's label map: an atlas `load` without `labels` (here
+/// through a `conform`, as in `oneshot-raw-heads.toml`) would fail every subject, and
+/// `validate` names the node and its `inputs` line.
+#[test]
+fn an_atlas_without_labels_is_named_with_its_line() {
+    let unlabelled = |p: String| p.replace("labels = \"${data}/fsaverage/aseg.mgz\"\n", "");
+    let (code, msg) = broken(unlabelled);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `segment`") && msg.contains("the atlas scan (input 1)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("node `dice`"), "{msg}");
+    // The line in the edited file, one line shorter than the one `line_of` reads.
+    assert_eq!(
+        first_error_line(&msg),
+        line_of(|l| l == "inputs = [\"register\", \"atlas\", \"oriented\"]") - 1,
+        "{msg}"
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let raw_heads = std::fs::read_to_string(root.join("pipelines/oneshot-raw-heads.toml"))
+        .unwrap()
+        .replace(
+            "data = \"../shared/data\"",
+            &format!("data = \"{}\"", data().display()),
+        );
+    let (code, msg) = validate(&raw_heads);
+    assert_eq!(code, Some(0), "{msg}");
+    let (code, msg) =
+        validate(&raw_heads.replace("labels = \"${data}/oasis_like_subject/seg.nii.gz\"\n", ""));
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(
+        msg.contains("node `segment`") && msg.contains("the atlas scan (input 1)"),
+        "{msg}"
+    );
+}
+
+/// A dataset that declares `labels` passes `validate` even if a subject lacks the file:
+/// that subject fails alone, in `load`, naming the file, and the others are scored.
+#[test]
+fn a_subject_missing_its_declared_labels_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("dataset");
+    let src = data().join("oasis_like_subject");
+    for (name, files) in [
+        ("s1_labelled", &["norm.nii.gz", "seg.nii.gz"][..]),
+        ("s2_unlabelled", &["norm.nii.gz"][..]),
+    ] {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        for file in files {
+            std::os::unix::fs::symlink(src.join(file), root.join(name).join(file)).unwrap();
+        }
+    }
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(&pipeline, oneshot(&root, "s*", 4.0, &out)).unwrap();
+    let check = voxflow(&["validate", pipeline.to_str().unwrap()], tmp.path());
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check));
+
+    let run = voxflow(
+        &["run", pipeline.to_str().unwrap(), "--no-progress"],
+        tmp.path(),
+    );
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    let json = report(&out);
+    let failures = json["failures"].as_array().expect("failures list");
+    assert_eq!(failures.len(), 1, "{json:#}");
+    assert_eq!(failures[0]["subject"], "s2_unlabelled", "{json:#}");
+    assert_eq!(failures[0]["node"], "scan", "{json:#}");
+    let reason = failures[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("s2_unlabelled/seg.nii.gz"), "{reason}");
+    assert!(out.join("s1_labelled").join("seg.nii.gz").exists());
+}
+
 #[test]
 fn validate_lists_settings_and_graph_problems_together() {
     let (code, msg) = broken(|p| {
@@ -1231,6 +1369,47 @@ fn sigterm_before_any_subject_finishes_reports_every_subject_not_run() {
     assert_eq!(json["per_subject"], serde_json::json!([]), "{json:#}");
 }
 
+/// The README's recipe for one's own dataset: the bundled pipeline, its `subjects` and
+/// `subject_pattern` set from the shell, runs every subject folder found there.
+#[test]
+fn the_bundled_pipeline_runs_on_another_dataset_from_the_shell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let subject = tmp.path().join("lab dataset").join("sub-01");
+    std::fs::create_dir_all(&subject).unwrap();
+    for name in ["norm.nii.gz", "seg.nii.gz"] {
+        std::fs::copy(
+            data().join("oasis_like_subject").join(name),
+            subject.join(name),
+        )
+        .unwrap();
+    }
+    let out = tmp.path().join("out");
+    let run = command(
+        &[
+            "run",
+            "pipelines/oneshot-aseg.toml",
+            "--no-progress",
+            "--no-cache",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    )
+    .env("subjects", tmp.path().join("lab dataset"))
+    .env("subject_pattern", "sub-*")
+    .output()
+    .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(out.join("sub-01").join("seg.nii.gz").is_file());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("sub-01") && !text.contains("oasis_like_subject"),
+        "{text}"
+    );
+}
+
 /// `--threads 0` names the range it takes, not `1..18446744073709551615`.
 #[test]
 fn threads_out_of_range_names_a_readable_range() {
@@ -1346,9 +1525,9 @@ fn empty_output_and_cache_folders_are_refused_with_their_line() {
     }
 }
 
-/// `data= voxflow run` on a bundled pipeline: the error names the empty environment
-/// variable and the [vars] value it replaces, on each line that uses it, instead of
-/// `root: "" does not exist`.
+/// `data= subjects= voxflow run` on a bundled pipeline: the error names each empty
+/// environment variable and the [vars] value it replaces, on each line that uses it,
+/// instead of `root: "" does not exist`.
 #[test]
 fn an_empty_environment_variable_is_named_where_it_is_used() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1358,26 +1537,40 @@ fn an_empty_environment_variable_is_named_where_it_is_used() {
         tmp.path(),
     )
     .env("data", "")
+    .env("subjects", "")
     .output()
     .expect("the voxflow binary runs");
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(2), "{msg}");
     let toml = std::fs::read_to_string(&pipeline).unwrap();
-    for key in ["root = ", "image = \"${data}"] {
+    for key in [
+        "root = \"${subjects}",
+        "image = \"${data}",
+        "lut = \"${data}",
+    ] {
         let line = toml.lines().position(|l| l.starts_with(key)).unwrap() + 1;
         assert!(
             msg.contains(&format!("oneshot-aseg.toml:{line}:")),
             "line {line} ({key}) not named: {msg}"
         );
     }
-    assert!(
-        msg.contains("the environment variable `data` is set but empty")
-            && msg.contains("[vars] data = \"../shared/data\""),
-        "{msg}"
-    );
+    for (name, value) in [("data", "../shared/data"), ("subjects", "../shared/data")] {
+        assert!(
+            msg.contains(&format!(
+                "the environment variable `{name}` is set but empty (it replaces [vars] \
+                 {name} = \"{value}\")"
+            )),
+            "{name}: {msg}"
+        );
+    }
     assert!(!msg.contains("does not exist"), "{msg}");
-    // Only the four lines that use it: no knock-on errors from the nodes it left unbuilt.
-    assert!(msg.contains("hint: 4 problem(s)"), "{msg}");
+    // Only the lines that use them: no knock-on errors from the nodes they left unbuilt.
+    let uses = toml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter(|l| l.contains("${data}") || l.contains("${subjects}"))
+        .count();
+    assert!(msg.contains(&format!("hint: {uses} problem(s)")), "{msg}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
 

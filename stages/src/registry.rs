@@ -191,6 +191,36 @@ mod tests {
         }
     }
 
+    /// What `validate` knows of a scan's label map goes through the stages that keep the
+    /// scan's labels (a skull-stripped scan keeps its own); others give no scan and know
+    /// nothing of it.
+    #[test]
+    fn stages_that_keep_a_scans_labels_keep_what_is_known_of_them() {
+        use crate::stage::{ValueFacts, ValueKind};
+        let scan = |labels| ValueFacts {
+            kind: Some(ValueKind::Scan),
+            mask: None,
+            labels,
+        };
+        let built = |kind: &str| build(kind, toml::Table::new()).unwrap().stage;
+        for kind in ["conform", "normalize", "skull_strip"] {
+            for labels in [Some(true), Some(false), None] {
+                assert_eq!(built(kind).output_labels(&[scan(labels)]), labels, "{kind}");
+            }
+        }
+        let segmentation = ValueFacts {
+            kind: Some(ValueKind::Segmentation),
+            ..scan(None)
+        };
+        for (kind, inputs) in [
+            ("register", vec![scan(Some(true)), scan(Some(true))]),
+            ("dice", vec![segmentation, scan(Some(true))]),
+            ("write", vec![scan(Some(true))]),
+        ] {
+            assert_eq!(built(kind).output_labels(&inputs), None, "{kind}");
+        }
+    }
+
     #[test]
     fn register_builds_with_defaults_and_rejects_typos() {
         assert!(build("register", toml::Table::new()).is_ok());

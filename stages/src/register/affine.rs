@@ -55,15 +55,26 @@ impl Params {
     }
 }
 
-/// Centre of mass and second-moment matrix (mm) of a non-negative image on its level grid.
+/// Centre of mass and second-moment matrix (mm) of an image's foreground on its level grid:
+/// voxels above Otsu's threshold, weighted by intensity.
+///
+/// Weighting every voxel let a scan's background count: a background lifted off zero (noise
+/// that percentile rescaling shifts up, or Rician noise) fills the whole field of view, and
+/// its second moments made the atlas scale up to the field of view (Dice 0.07 on the OASIS
+/// subject with Gaussian noise of 2 % of its range, against 0.76 without).
 fn moments(
     image: &Tensor,
     grid: &crate::volume::Grid,
 ) -> Result<(Vector3<f64>, Matrix3<f64>), StageError> {
     let pts =
         apply_affine(&index_points(grid, image.device())?, &grid.affine)?.f_reshape([-1, 3])?;
-    let w = image
-        .f_clamp_min(0.0)?
+    let w = image.f_clamp_min(0.0)?.f_to_kind(Kind::Float)?;
+    let values: Vec<f32> = Vec::try_from(&w.f_to_device(tch::Device::Cpu)?.f_reshape([-1])?)?;
+    let threshold = crate::skullstrip::levels::Histogram::new(&values, None)
+        .map(|h| h.otsu(h.percentile(0.5), h.percentile(99.5)))
+        .unwrap_or(0.0);
+    let w = w
+        .f_mul(&w.f_gt(threshold)?.f_to_kind(Kind::Float)?)?
         .f_reshape([-1, 1])?
         .f_to_kind(Kind::Double)?;
     let pts = pts.f_to_kind(Kind::Double)?;

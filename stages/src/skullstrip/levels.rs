@@ -81,6 +81,14 @@ impl Histogram {
         self.lo + BINS as f64 * self.width
     }
 
+    /// The centre of the most populated bin below `to`: the level of the background of a
+    /// head scan (0 when it is clean, about σ for the Rician noise of a magnitude image).
+    pub(crate) fn mode_below(&self, to: f64) -> f64 {
+        let end = (((to - self.lo) / self.width).max(0.0) as usize).min(BINS);
+        let best = (0..end).max_by_key(|&b| (self.counts[b], std::cmp::Reverse(b)));
+        best.map_or(self.lo, |b| self.lo + (b as f64 + 0.5) * self.width)
+    }
+
     /// Otsu's threshold between `from` and `to` (values outside are ignored): the level that
     /// maximises the between-class variance of the two sides.
     pub(crate) fn otsu(&self, from: f64, to: f64) -> f64 {
@@ -131,6 +139,20 @@ mod tests {
         let h = Histogram::new(&data, None).unwrap();
         let t = h.otsu(10.0, 50.0);
         assert!(t > 10.0 && t < 50.0, "{t}");
+    }
+
+    #[test]
+    fn the_mode_below_a_level_is_the_background_peak() {
+        let mut data = vec![0.0f32; 100];
+        data.extend(vec![12.0f32; 400]);
+        data.extend(vec![80.0f32; 900]);
+        let h = Histogram::new(&data, None).unwrap();
+        assert!(
+            (h.mode_below(50.0) - 12.0).abs() < 0.1,
+            "{}",
+            h.mode_below(50.0)
+        );
+        assert!((h.mode_below(100.0) - 80.0).abs() < 0.1);
     }
 
     #[test]

@@ -213,7 +213,12 @@ impl Head {
         }
         let background = hist.otsu(lo, hi);
         let (p2, p98) = (hist.percentile(2.0), hist.percentile(98.0));
-        let air = p2 + 0.1 * (p98 - p2);
+        // Above the air's noise too: the Rician noise of a magnitude image peaks at σ and
+        // rarely passes 4σ, while a tenth of the range sat at its mean for noise of 5 % of
+        // the range, so the "head" filled the field of view (mask Dice 0.16 on fsaverage).
+        // Capped at half the level between dark classes and tissue, below CSF and bone.
+        let noise = (4.0 * (hist.mode_below(background) - lo.min(0.0))).min(0.5 * background);
+        let air = (p2 + 0.1 * (p98 - p2)).max(noise);
         let above: Vec<bool> = head.frame(0).par_iter().map(|&x| x as f64 > air).collect();
         let mut bits = fill_holes_bits(&largest_bits(&above, shape), shape);
         for axis in 0..3 {
@@ -332,8 +337,37 @@ fn tissue_levels(
     Ok(levels)
 }
 
+/// A smoothed copy of `head` when its air is noisy, else `None`.
+///
+/// The noise of a magnitude image's air (Rician, peaking at σ) is the mode of the dark
+/// values; when σ passes 1 % of the robust range, a Gaussian of σ 1 mm (noise down about
+/// fifteenfold, edges moved well under a voxel) runs first, since every step thresholds
+/// single voxels: with noise of 2 % of the range, fsaverage's mask lost the CSF layer and
+/// fell from 0.914 to 0.857. Clean heads (the three shared ones) are left as they are.
+fn denoised(head: &Volume) -> Result<Option<Volume>, SkullStripError> {
+    let hist = Histogram::new(head.frame(0), None).ok_or(SkullStripError::FlatImage)?;
+    let (lo, hi) = (hist.percentile(0.5), hist.percentile(99.5));
+    if hi <= lo {
+        return Err(SkullStripError::FlatImage);
+    }
+    let sigma = hist.mode_below(hist.otsu(lo, hi)) - lo.min(0.0);
+    let range = hist.percentile(98.0) - hist.percentile(2.0);
+    if sigma <= 0.01 * range {
+        return Ok(None);
+    }
+    debug!(
+        noise = sigma,
+        range, "Noisy air: smoothing the head before stripping"
+    );
+    let mut data = head.frame(0).to_vec();
+    super::lines::gaussian(&mut data, head.shape, head.voxel_size(), 1.0);
+    Ok(Some(head.with_data(data)))
+}
+
 /// The steps of [`auto`] up to the brain's hull, on the head's bounding box.
 fn extract(full: &Volume, params: &AutoParams) -> Result<Extraction, SkullStripError> {
+    let denoised = denoised(full)?;
+    let full = denoised.as_ref().unwrap_or(full);
     let head = full;
     let (background, head_bits) = Head::locate(head)?;
     let crop = Crop::around(&head_bits, head.shape, 2)

@@ -195,7 +195,8 @@ impl ValueKind {
 }
 
 /// What `validate` knows of the value a node gives each subject, before anything runs: what
-/// [`Stage::output`] and [`Stage::output_mask`] say, worked out node by node from the source.
+/// [`Stage::output`], [`Stage::output_mask`] and [`Stage::output_labels`] say, worked out
+/// node by node from the source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ValueFacts {
     /// Its kind; `None` when it depends on the inputs or the node could not be built.
@@ -203,6 +204,18 @@ pub struct ValueFacts {
     /// For a scan or a dataset entry: `Some(true)` when every subject's carries a brain mask,
     /// `Some(false)` when none does, `None` when it is not known or differs between subjects.
     pub mask: Option<bool>,
+    /// For a scan or a dataset entry: `Some(true)` when every subject's carries a label map,
+    /// `Some(false)` when none does, `None` when it is not known or differs between subjects.
+    /// A declared label file that one subject lacks still counts as carried: that subject
+    /// fails alone, when its files are read.
+    pub labels: Option<bool>,
+}
+
+impl ValueFacts {
+    /// Whether this is known to be a scan without a label map, for every subject.
+    pub fn scan_without_labels(&self) -> bool {
+        self.kind == Some(ValueKind::Scan) && self.labels == Some(false)
+    }
 }
 
 /// The inputs a stage takes: between `min` and `max` upstream nodes, described by `what`,
@@ -418,10 +431,17 @@ pub trait Stage: Send + Sync {
         None
     }
 
+    /// Whether the scan (or dataset entry) [`Stage::process`] returns carries a label map,
+    /// given what is known of its inputs (in declared order), as [`ValueFacts::labels`] says
+    /// it; `None` (the default) when the stage cannot tell or gives no scan.
+    fn output_labels(&self, _inputs: &[ValueFacts]) -> Option<bool> {
+        None
+    }
+
     /// Why inputs of these facts (in declared order) would fail every subject, if `validate`
     /// can tell before anything runs: what the counts and kinds of [`Stage::inputs`] cannot
-    /// say, such as a scan without the mask the stage needs. `None` (the default) when
-    /// nothing is known to be wrong.
+    /// say, such as a scan without the mask or label map the stage needs. `None` (the
+    /// default) when nothing is known to be wrong.
     fn input_problem(&self, _inputs: &[ValueFacts]) -> Option<String> {
         None
     }

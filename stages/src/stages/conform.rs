@@ -123,6 +123,10 @@ impl Stage for Conform {
         inputs.first()?.mask
     }
 
+    fn output_labels(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        inputs.first()?.labels
+    }
+
     fn inputs(&self) -> Option<crate::stage::InputSpec> {
         Some(crate::stage::InputSpec::of(
             &[crate::stage::ValueKind::Scan],

@@ -288,6 +288,18 @@ impl Dataset {
         Ok(entries)
     }
 
+    /// `Some(true)` when `has` holds for every subject listed, `Some(false)` for none, `None`
+    /// when it differs between them or the dataset cannot be listed (which is reported on
+    /// its own).
+    fn every_row(&self, has: impl Fn(&SubjectEntry) -> bool) -> Option<bool> {
+        let entries = self.listing().ok()?;
+        match entries.iter().filter(|e| has(e)).count() {
+            0 => Some(false),
+            n if n == entries.len() => Some(true),
+            _ => None,
+        }
+    }
+
     fn listing(&self) -> Result<Arc<Vec<SubjectEntry>>, StageError> {
         // A poisoned lock only means another thread panicked while listing; the cached value
         // is either complete or absent, so it is safe to go on with it.
@@ -318,15 +330,16 @@ impl Stage for Dataset {
     fn output_mask(&self, _inputs: &[ValueFacts]) -> Option<bool> {
         match &self.layout {
             Layout::Folders { mask, .. } => Some(mask.is_some()),
-            Layout::Manifest(_) => {
-                let entries = self.listing().ok()?;
-                let masked = entries.iter().filter(|e| e.mask.is_some()).count();
-                match masked {
-                    0 => Some(false),
-                    n if n == entries.len() => Some(true),
-                    _ => None,
-                }
-            }
+            Layout::Manifest(_) => self.every_row(|e| e.mask.is_some()),
+        }
+    }
+
+    /// Folders carry a label map when `labels` names one; a manifest's rows, when each (or
+    /// none) fills the `labels` column. A named file that is missing fails its subject alone.
+    fn output_labels(&self, _inputs: &[ValueFacts]) -> Option<bool> {
+        match &self.layout {
+            Layout::Folders { labels, .. } => Some(labels.is_some()),
+            Layout::Manifest(_) => self.every_row(|e| e.labels.is_some()),
         }
     }
 
@@ -729,6 +742,49 @@ mod tests {
         assert_eq!(manifest("all.csv", all), Some(true));
         let some = "subject,image,mask\na,a.nii,am.nii\nb,b.nii,\n";
         assert_eq!(manifest("some.csv", some), None);
+    }
+
+    /// What `validate` learns of the label maps: folders from `labels`, a manifest from its
+    /// rows (every one, none, or some filling the column).
+    #[test]
+    fn labels_are_known_from_the_config_or_the_manifest_rows() {
+        let no_facts: &[ValueFacts] = &[];
+        let folders = |extra: &str| {
+            dataset(&format!("root = \"d\"\nimage = \"t1.nii.gz\"\n{extra}"))
+                .output_labels(no_facts)
+        };
+        assert_eq!(folders(""), Some(false));
+        assert_eq!(folders("mask = \"brainmask.nii.gz\""), Some(false));
+        assert_eq!(folders("labels = \"seg.nii.gz\""), Some(true));
+        assert_eq!(
+            folders("labels = [\"aseg.mgz\", \"seg.nii.gz\"]"),
+            Some(true)
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = |name: &str, rows: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, rows).unwrap();
+            dataset(&format!("manifest = {path:?}")).output_labels(no_facts)
+        };
+        assert_eq!(
+            manifest(
+                "none.csv",
+                "subject,image,mask\na,a.nii,am.nii\nb,b.nii,bm.nii\n"
+            ),
+            Some(false)
+        );
+        let empty_column = "subject,image,labels\na,a.nii,\nb,b.nii,\n";
+        assert_eq!(manifest("empty.csv", empty_column), Some(false));
+        let all = "subject,image,labels\na,a.nii,as.nii\nb,b.nii,bs.nii\n";
+        assert_eq!(manifest("all.csv", all), Some(true));
+        let some = "subject,image,labels\na,a.nii,as.nii\nb,b.nii,\n";
+        assert_eq!(manifest("some.csv", some), None);
+        let unreadable = dir.path().join("absent.csv");
+        assert_eq!(
+            dataset(&format!("manifest = {unreadable:?}")).output_labels(no_facts),
+            None
+        );
     }
 
     fn folders(names: &[&str]) -> tempfile::TempDir {

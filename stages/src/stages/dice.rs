@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::registry::{BuildError, StageConfig};
-use crate::stage::{Context, Inputs, Scores, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Scores, Stage, StageError, Value, ValueFacts};
 
 /// Largest label value: beyond 2^24, `f32` voxels no longer hold every integer exactly.
 const MAX_LABEL: u32 = 1 << 24;
@@ -80,6 +80,21 @@ impl Stage for Dice {
             crate::stage::InputSpec::of(&[Segmentation, Scan], "[segmentation, subject scan]")
                 .subject_at(&[1]),
         )
+    }
+
+    /// The truth is input 1's label map: scans known to carry none (their dataset or `load`
+    /// names no `labels`) would fail every subject.
+    fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
+        inputs
+            .get(1)
+            .is_some_and(ValueFacts::scan_without_labels)
+            .then(|| {
+                "dice: scores against the label map of the subject scan (input 1), but the \
+                 subjects there have no label maps (their dataset or `load` names no \
+                 `labels`), so every subject would fail; give the dataset `labels`, or remove \
+                 the `dice` node"
+                    .to_string()
+            })
     }
 
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
@@ -242,6 +257,31 @@ mod tests {
                 .build()
                 .is_err()
         );
+    }
+
+    /// `validate` names a dice whose truth is known to be missing for every subject, and
+    /// only that: labels on some subjects, or unknown, leave it to each subject.
+    #[test]
+    fn subjects_without_label_maps_are_an_input_problem() {
+        use crate::stage::ValueKind;
+        let stage = DiceConfig::default().build().unwrap();
+        let facts = |kind, labels| ValueFacts {
+            kind: Some(kind),
+            mask: None,
+            labels,
+        };
+        let segmentation = facts(ValueKind::Segmentation, None);
+        let problem = |labels| stage.input_problem(&[segmentation, facts(ValueKind::Scan, labels)]);
+        let message = problem(Some(false)).expect("no truth for any subject");
+        assert!(
+            message.contains("input 1") && message.contains("no label maps"),
+            "{message}"
+        );
+        assert_eq!(problem(Some(true)), None);
+        assert_eq!(problem(None), None);
+        // Another kind at input 1 is reported as such, not as missing labels.
+        let entry = facts(ValueKind::Entry, Some(false));
+        assert_eq!(stage.input_problem(&[segmentation, entry]), None);
     }
 
     #[test]

@@ -109,6 +109,15 @@ impl Stage for Load {
         }
     }
 
+    /// A constant node's label map is its `labels` parameter; a subject's, its dataset
+    /// entry's.
+    fn output_labels(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        match inputs.first() {
+            None => Some(self.config.labels.is_some()),
+            Some(entry) => entry.labels,
+        }
+    }
+
     fn process(&self, _ctx: &Context<'_>, inputs: &Inputs<'_>) -> Result<Value, StageError> {
         let (image, labels, mask) = match inputs.values.first() {
             Some((name, Value::Entry(entry))) => {
@@ -315,6 +324,36 @@ mod tests {
             err.contains("seg.nii") && err.contains("2 voxels") && err.contains("2.5"),
             "{err}"
         );
+    }
+
+    /// What `validate` learns of a loaded scan's label map and mask: a constant node's
+    /// from its own parameters, a subject's from its dataset entry.
+    #[test]
+    fn labels_and_mask_come_from_the_parameters_or_the_entry() {
+        use crate::stage::ValueKind;
+        let atlas = |text: &str| {
+            toml::from_str::<LoadConfig>(&format!("image = \"brain.mgz\"\n{text}"))
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        let none: &[ValueFacts] = &[];
+        let labelled = atlas("labels = \"aseg.mgz\"");
+        assert_eq!(labelled.output_labels(none), Some(true));
+        assert_eq!(labelled.output_mask(none), Some(false));
+        let bare = atlas("mask = \"brainmask.mgz\"");
+        assert_eq!(bare.output_labels(none), Some(false));
+        assert_eq!(bare.output_mask(none), Some(true));
+
+        let per_subject = toml::from_str::<LoadConfig>("").unwrap().build().unwrap();
+        for labels in [Some(true), Some(false), None] {
+            let entry = ValueFacts {
+                kind: Some(ValueKind::Entry),
+                mask: None,
+                labels,
+            };
+            assert_eq!(per_subject.output_labels(&[entry]), labels);
+        }
     }
 
     #[test]

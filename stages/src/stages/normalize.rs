@@ -94,6 +94,10 @@ impl Stage for Normalize {
         inputs.first()?.mask
     }
 
+    fn output_labels(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        inputs.first()?.labels
+    }
+
     fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
         let unmasked = inputs.first().is_some_and(|f| f.mask == Some(false));
         (self.config.within_mask && unmasked).then(|| {

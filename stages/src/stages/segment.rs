@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::register::warp_labels_linear;
 use crate::registry::{BuildError, StageConfig};
 use crate::resample::{Interp, resample, warp};
-use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value};
+use crate::stage::{Context, Inputs, Segmentation, Stage, StageError, Value, ValueFacts};
 use crate::volume::{SourceHeader, Volume};
 
 /// Parameters of a `segment` node; inputs are `[transform, atlas scan, subject scan]`.
@@ -80,6 +80,21 @@ impl Stage for Segment {
             )
             .subject_at(&[2]),
         )
+    }
+
+    /// The labels carried are the atlas scan's (input 1): one known to carry none fails
+    /// every subject. The subject scan's own labels (input 2) are not needed.
+    fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
+        inputs
+            .get(1)
+            .is_some_and(ValueFacts::scan_without_labels)
+            .then(|| {
+                "segment: carries the label map of the atlas scan (input 1) into each subject, \
+                 but that scan has none (the `load` or dataset it comes from names no \
+                 `labels`), so every subject would fail; give the atlas's `load` a `labels` \
+                 file, or check the order of the inputs"
+                    .to_string()
+            })
     }
 
     fn kind(&self) -> crate::stage::StageKind {
@@ -149,6 +164,34 @@ mod tests {
         let linear: SegmentConfig = toml::from_str("interp = \"linear\"").unwrap();
         assert_eq!(linear.interp, LabelInterp::Linear);
         assert!(toml::from_str::<SegmentConfig>("interp = \"cubic\"").is_err());
+    }
+
+    /// `validate` names an atlas known to carry no label map; the subject's own labels
+    /// (input 2) do not matter here.
+    #[test]
+    fn an_atlas_without_labels_is_an_input_problem() {
+        use crate::stage::ValueKind;
+        let stage = SegmentConfig::default().build().unwrap();
+        let facts = |kind, labels| ValueFacts {
+            kind: Some(kind),
+            mask: None,
+            labels,
+        };
+        let transform = facts(ValueKind::Transform, None);
+        let problem = |atlas, subject| {
+            stage.input_problem(&[
+                transform,
+                facts(ValueKind::Scan, atlas),
+                facts(ValueKind::Scan, subject),
+            ])
+        };
+        let message = problem(Some(false), Some(true)).expect("no labels to carry");
+        assert!(
+            message.contains("atlas scan (input 1)") && message.contains("has none"),
+            "{message}"
+        );
+        assert_eq!(problem(Some(true), Some(false)), None);
+        assert_eq!(problem(None, Some(false)), None);
     }
 
     fn file_header(path: &str, affine: Affine) -> Arc<SourceHeader> {

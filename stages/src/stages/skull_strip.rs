@@ -235,6 +235,11 @@ impl Stage for SkullStrip {
         Some(true)
     }
 
+    /// The scan's label map is kept (the atlas's, with `method = "atlas"`, is not taken).
+    fn output_labels(&self, inputs: &[ValueFacts]) -> Option<bool> {
+        inputs.first()?.labels
+    }
+
     /// The mask method on scans known to carry no mask (a dataset or `load` without `mask`)
     /// and without a `mask` file would fail every subject.
     fn input_problem(&self, inputs: &[ValueFacts]) -> Option<String> {
