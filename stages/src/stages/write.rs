@@ -378,8 +378,6 @@ mod tests {
 
     /// What `validate` compares between two `write` nodes: only the files that are sure.
     #[test]
-    // The facts may gain fields that say nothing of what `write` writes.
-    #[allow(clippy::needless_update)]
     fn written_names_follow_the_known_input_kinds() {
         let facts = |kind, mask| ValueFacts {
             kind,
