@@ -483,10 +483,7 @@ mod tests {
         assert_eq!(flag("failed"), serde_json::Value::Null);
 
         let mut rows = csv::Reader::from_path(&files[0]).unwrap();
-        assert_eq!(
-            rows.headers().unwrap().iter().last(),
-            Some("worse_than_before")
-        );
+        assert_eq!(&rows.headers().unwrap()[5], "worse_than_before");
         let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
         let row = |id: &str| rows.iter().find(|r| &r[0] == id).unwrap().clone();
         assert_eq!(
