@@ -789,6 +789,28 @@ fn a_typo_in_a_sub_table_points_at_that_table() {
     );
 }
 
+/// An even NCC window ran as the next odd one and a `field_shrink` of 12 ran as 1 (the
+/// finest field): validate refuses both, naming the node.
+#[test]
+fn validate_refuses_an_even_window_and_a_field_shrink_out_of_range() {
+    let (code, msg) = broken(|p| {
+        p.replace(
+            "[nodes.segment]",
+            "[nodes.register.deformable]\nwindow = 4\nfield_shrink = 12\n\n[nodes.segment]",
+        )
+    });
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("node `register`"), "{msg}");
+    assert!(
+        msg.contains("deformable.window must be an odd number of voxels, at least 3, got 4"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("deformable.field_shrink must be from 1 to 8, got 12"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn a_load_with_both_a_file_and_an_input_is_caught_by_validate() {
     let (code, msg) = broken(|p| {

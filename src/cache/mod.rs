@@ -44,8 +44,10 @@
 //!   is stored in each node's entry and read back as two copies on a warm run: the bundled
 //!   job's peak memory went from 0.78 to 0.91 GB.
 //!
-//! Each `.f32` file's CRC-32 is kept in the header and checked on every read, so a file
-//! damaged in place (same size) is recomputed like a truncated one.
+//! Each `.f32` file's CRC-32 is kept in the header, and the header's own CRC-32 in
+//! `entry.json` beside it; both are checked on every read, so a file damaged in place (same
+//! size) or a header edited into other valid JSON (a shifted affine) is recomputed like a
+//! truncated entry.
 
 pub mod store;
 
@@ -65,7 +67,8 @@ pub use store::{CacheError, clear};
 
 /// Version of the key recipe and of the entry layout. Bump it when either changes, or when a
 /// cacheable stage's output changes for the same input: old entries then simply miss.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `entry.json` carries a CRC-32 of the header itself.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Size cap of the cache folder, in GB (10^9 bytes), unless the pipeline or the command
 /// line says otherwise: about a hundred subjects of the bundled job.
@@ -547,6 +550,61 @@ mod tests {
             Ok(Value::Scan(scan)) => (*scan).clone(),
             _ => unreachable!("the test's values are scans"),
         }
+    }
+
+    /// A damaged entry (here its header edited into other valid JSON) is never served: the
+    /// value is computed again and the entry replaced, so the next read is a good hit.
+    #[test]
+    fn a_damaged_header_is_recomputed_and_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache {
+            dir: Some(tmp.path().to_path_buf()),
+            nodes: vec![NodePlan {
+                name: "n".into(),
+                digest: None,
+                enabled: true,
+            }],
+            stats: vec![NodeStats::default()],
+            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
+            used: Mutex::default(),
+            since_evict: AtomicU64::new(0),
+            evicting: Mutex::default(),
+        };
+        let computed = AtomicU64::new(0);
+        let scan = || {
+            computed.fetch_add(1, Ordering::Relaxed);
+            let mut affine = voxflow_stages::volume::Affine::identity();
+            affine[(0, 3)] = -7.25;
+            let v = voxflow_stages::volume::Volume::new(vec![2.0; 8], [2, 2, 2], affine);
+            Ok(Value::Scan(Arc::new(voxflow_stages::stage::Scan {
+                image: Arc::new(v),
+                labels: None,
+                mask: None,
+                native: None,
+            })))
+        };
+        let key = Key::from_bytes(b"damaged");
+        cache.get_or_compute(0, Some(key), scan).unwrap();
+        let header = store::entry_dir(tmp.path(), &key).join("entry.json");
+        let text = std::fs::read_to_string(&header).unwrap();
+        // The affine's x translation moved by 10 mm, the file still valid JSON.
+        let edited = text.replacen("-7.25", "2.75", 1);
+        assert_ne!(edited, text);
+        serde_json::from_str::<serde_json::Value>(&edited).unwrap();
+        std::fs::write(&header, edited).unwrap();
+
+        let value = probe(cache.get_or_compute(0, Some(key), scan));
+        assert_eq!(
+            value.image.affine[(0, 3)],
+            -7.25,
+            "the damaged affine was not served"
+        );
+        assert_eq!(computed.load(Ordering::Relaxed), 2, "recomputed");
+        assert_eq!(std::fs::read_to_string(&header).unwrap(), text, "replaced");
+        cache.get_or_compute(0, Some(key), scan).unwrap();
+        assert_eq!(computed.load(Ordering::Relaxed), 2, "then a hit");
+        assert_eq!(cache.stats[0].hits.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats[0].misses.load(Ordering::Relaxed), 2);
     }
 
     #[test]

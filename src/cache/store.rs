@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DIR/CACHEDIR.TAG                 tells backup tools to skip the folder
-//! DIR/ab/abcdef…(64 hex)/entry.json  shapes, affines, source headers, how volumes form the scan
+//! DIR/ab/abcdef…(64 hex)/entry.json  shapes, affines, source headers, how volumes form the
+//!                                    scan, checksums of the header and of every `.f32` file
 //! DIR/ab/abcdef…/0.f32, 1.f32, …     voxels, little-endian f32, `i` fastest (as `Volume`)
 //! ```
 //!
@@ -14,8 +15,21 @@
 //! An entry is written under a temporary name in its shard folder and renamed into place
 //! when complete, so a killed run leaves at most a `.tmp-*` folder (removed by `clear`) and
 //! two runs storing the same key both succeed (the second finds the first's entry and drops
-//! its own). An entry whose header does not parse or whose files have the wrong size is an
-//! error for the caller to log, remove and recompute.
+//! its own). An entry whose header does not parse, whose header or `.f32` files fail their
+//! CRC-32, or whose files have the wrong size is an error for the caller to log, remove and
+//! recompute.
+//!
+//! `entry.json` is an envelope around the header proper:
+//!
+//! ```text
+//! { "format": 3, "crc32": 1234567890, "header": { "volumes": [...], "scan": {...} } }
+//! ```
+//!
+//! `crc32` covers the bytes of `header` exactly as written, so an edit that keeps the file
+//! valid JSON (a shifted affine, another shape, a swapped volume index) is caught like a
+//! damaged `.f32` file. Checking the bytes as written rather than a re-serialization of what
+//! was parsed keeps the check exact: a float read back one unit in the last place off would
+//! otherwise fail it.
 //!
 //! An entry's last use is its header's modification time: writing it sets it, and every
 //! read that returns the entry sets it to now. [`evict`] removes the least recently used
@@ -36,6 +50,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use voxflow_stages::stage::Scan;
 use voxflow_stages::volume::{Affine, AffineSource, DataType, Format, SourceHeader, Volume};
 
@@ -81,10 +96,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     }
 }
 
-/// The entry's header as written in `entry.json`.
+/// What `entry.json` holds: the format, then the header's bytes and their CRC-32.
 #[derive(Debug, Serialize, Deserialize)]
-struct EntryHeader {
+#[serde(deny_unknown_fields)]
+struct Envelope<'a> {
     format: u32,
+    /// CRC-32 of `header`'s bytes as they stand in the file.
+    crc32: u32,
+    #[serde(borrow)]
+    header: &'a RawValue,
+}
+
+/// Just the format of an `entry.json`, read first so an entry of another format is named as
+/// such whatever its layout.
+#[derive(Debug, Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
+/// The entry's header: its volumes and how they form the scan.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryHeader {
     volumes: Vec<VolumeMeta>,
     scan: ScanMeta,
 }
@@ -146,10 +179,7 @@ pub fn read(dir: &Path, key: &Key) -> Result<Option<Scan>, CacheError> {
         path: header_path.clone(),
         reason,
     };
-    let header: EntryHeader = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
-    if header.format != FORMAT_VERSION {
-        return Err(corrupt(format!("format {}", header.format)));
-    }
+    let header = parse_header(&text).map_err(corrupt)?;
     let volumes = match header
         .volumes
         .iter()
@@ -170,6 +200,27 @@ pub fn read(dir: &Path, key: &Key) -> Result<Option<Scan>, CacheError> {
     let scan = assemble(&header.scan, &volumes).ok_or_else(|| corrupt("bad index".into()))?;
     mark_used(&header_path);
     Ok(Some(scan))
+}
+
+/// The header in the text of an `entry.json`, once its format and checksum are right; else
+/// what is wrong.
+fn parse_header(text: &[u8]) -> Result<EntryHeader, String> {
+    let format: FormatOnly = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    if format.format != FORMAT_VERSION {
+        return Err(format!(
+            "format {}, expected {FORMAT_VERSION}",
+            format.format
+        ));
+    }
+    let envelope: Envelope<'_> = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let crc = crc32fast::hash(envelope.header.get().as_bytes());
+    if crc != envelope.crc32 {
+        return Err(format!(
+            "header checksum {crc:08x}, expected {:08x} (edited or damaged)",
+            envelope.crc32
+        ));
+    }
+    serde_json::from_str(envelope.header.get()).map_err(|e| e.to_string())
 }
 
 /// Records that the entry whose header is `header` was just used: eviction removes the
@@ -340,17 +391,34 @@ fn write_entry(folder: &Path, scan: &Scan) -> Result<u64, CacheError> {
         });
     }
     let header = EntryHeader {
-        format: FORMAT_VERSION,
         volumes: metas,
         scan: meta,
     };
     let path = folder.join(HEADER);
-    let text = serde_json::to_vec_pretty(&header).map_err(|e| CacheError::Corrupt {
+    let text = header_text(&header).map_err(|e| CacheError::Corrupt {
         path: path.clone(),
         reason: e.to_string(),
     })?;
     std::fs::write(&path, &text).map_err(io(&path))?;
     Ok(bytes + text.len() as u64)
+}
+
+/// The text of `entry.json` for `header`: the envelope with the header's bytes and their
+/// CRC-32 (the header is embedded verbatim, so the checksum holds for the bytes in the file).
+fn header_text(header: &EntryHeader) -> Result<Vec<u8>, serde_json::Error> {
+    // Indented one level, to read as part of the envelope (JSON strings hold no raw line
+    // breaks, so only layout changes).
+    let body = serde_json::to_string_pretty(header)?.replace('\n', "\n  ");
+    let crc32 = crc32fast::hash(body.as_bytes());
+    let body = RawValue::from_string(body)?;
+    let envelope = Envelope {
+        format: FORMAT_VERSION,
+        crc32,
+        header: &body,
+    };
+    let mut text = serde_json::to_vec_pretty(&envelope)?;
+    text.push(b'\n');
+    Ok(text)
 }
 
 /// The scan as indices into `volumes`, adding each distinct volume (by pointer) once.
@@ -735,6 +803,66 @@ mod tests {
             matches!(err, CacheError::Corrupt { .. }) && err.to_string().contains("checksum"),
             "{err}"
         );
+    }
+
+    /// `entry.json` edited in place, still valid JSON (an affine moved by 10 mm), must not
+    /// be served: its checksum no longer matches, as for a damaged `.f32` file.
+    #[test]
+    fn a_header_edited_into_other_valid_json_fails_its_checksum() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(5), &scan()).unwrap();
+        let path = entry_dir(tmp.path(), &key(5)).join(HEADER);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let affine3 = |text: &str| {
+            let json: serde_json::Value = serde_json::from_str(text).unwrap();
+            json["header"]["volumes"][0]["affine"][3].as_f64().unwrap()
+        };
+        assert_eq!(affine3(&text), -12.5);
+        let edited = text.replacen("-12.5", "-2.5", 1);
+        assert_eq!(
+            affine3(&edited),
+            -2.5,
+            "the edit moved volumes[0].affine[3]"
+        );
+        std::fs::write(&path, &edited).unwrap();
+
+        let err = read(tmp.path(), &key(5)).unwrap_err();
+        assert!(
+            matches!(&err, CacheError::Corrupt { path: p, .. } if p == &path),
+            "{err}"
+        );
+        assert!(err.to_string().contains("entry.json"), "{err}");
+        assert!(err.to_string().contains("header checksum"), "{err}");
+
+        // The checksum field itself edited: caught too.
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let crc = json["crc32"].as_u64().unwrap();
+        let other = text.replacen(&format!("\"crc32\": {crc}"), "\"crc32\": 7", 1);
+        assert_ne!(other, text);
+        std::fs::write(&path, other).unwrap();
+        assert!(matches!(
+            read(tmp.path(), &key(5)),
+            Err(CacheError::Corrupt { .. })
+        ));
+        // Put back as written: a hit again.
+        std::fs::write(&path, &text).unwrap();
+        let back = read(tmp.path(), &key(5)).unwrap().expect("a hit");
+        assert_eq!(back.image.affine[(0, 3)], -12.5);
+    }
+
+    #[test]
+    fn an_entry_of_another_format_is_named_as_such() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &key(7), &scan()).unwrap();
+        let path = entry_dir(tmp.path(), &key(7)).join(HEADER);
+        // What format 2 wrote: no envelope, no header checksum.
+        std::fs::write(
+            &path,
+            br#"{"format": 2, "volumes": [], "scan": {"image": 0}}"#,
+        )
+        .unwrap();
+        let err = read(tmp.path(), &key(7)).unwrap_err();
+        assert!(err.to_string().contains("format 2"), "{err}");
     }
 
     #[test]

@@ -398,14 +398,28 @@ fn shrink_factor(fine: &Grid, coarse: &Grid) -> u32 {
     ratio.round().max(1.0) as u32
 }
 
-/// The grid a level's field lives on: `shrink` times coarser than the level's, unless that
-/// would leave fewer than 8 voxels along an axis.
-fn field_grid(grid: &Grid, shrink: u32) -> Grid {
-    let f = shrink.max(1);
-    if f == 1 || grid.shape.iter().any(|&n| n < 8 * f as usize) {
+/// Fewest field voxels along an axis that a coarser field grid must keep.
+const MIN_FIELD_VOXELS: usize = 8;
+
+/// How many times coarser than `grid` a level's field grid is: the largest factor up to
+/// `shrink` that leaves at least [`MIN_FIELD_VOXELS`] voxels along every axis, or 1 (the
+/// level's own grid) when even 2 would not. Falling back to the largest factor that fits,
+/// rather than straight to 1, keeps the field as close as it can to what was asked: 1 is
+/// the finest and slowest field, the opposite of a large `field_shrink`.
+fn field_factor(grid: &Grid, shrink: u32) -> u32 {
+    let smallest = grid.shape.iter().copied().min().unwrap_or(0);
+    (2..=shrink)
+        .rev()
+        .find(|&f| smallest >= MIN_FIELD_VOXELS * f as usize)
+        .unwrap_or(1)
+}
+
+/// The grid a level's field lives on: `factor` times coarser than the level's.
+fn field_grid(grid: &Grid, factor: u32) -> Grid {
+    if factor <= 1 {
         return *grid;
     }
-    coarser_grid(grid, [f64::from(f); 3])
+    coarser_grid(grid, [f64::from(factor); 3])
 }
 
 /// The shape of `own`'s part of a field grid made for `padded` (same affine): `own`'s shape
@@ -447,11 +461,19 @@ pub(crate) fn deform(
         .take(first.levels.len())
     {
         let level = stack(&subjects.iter().map(|s| s.levels[l]).collect::<Vec<_>>())?;
-        let grids: Vec<Grid> = level
-            .grids
-            .iter()
-            .map(|g| field_grid(g, config.field_shrink))
-            .collect();
+        // Every grid of a batch level has the same (padded) shape, so one factor fits all.
+        let factor = field_factor(&level.grids[0], config.field_shrink);
+        if factor < config.field_shrink {
+            tracing::warn!(
+                level = level.factor,
+                shape = ?level.grids[0].shape,
+                field_shrink = config.field_shrink,
+                used = factor,
+                "Level grid too small for `field_shrink` (a field needs {MIN_FIELD_VOXELS} \
+                 voxels along each axis); using the largest factor that fits"
+            );
+        }
+        let grids: Vec<Grid> = level.grids.iter().map(|g| field_grid(g, factor)).collect();
         let own: Vec<Grid> = (0..subjects.len())
             .map(|b| Grid {
                 shape: own_field_shape(&level.own[b], &level.grids[b], &grids[b]),
@@ -494,4 +516,32 @@ pub(crate) fn deform(
     (0..subjects.len())
         .map(|b| Ok((fields.own(b)?, losses[b])))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid(shape: [usize; 3]) -> Grid {
+        Grid {
+            shape,
+            affine: Affine::identity(),
+        }
+    }
+
+    /// A grid too small for the factor asked gets the largest factor that keeps 8 field
+    /// voxels along every axis, not 1 (which is the finest, slowest field).
+    #[test]
+    fn a_small_level_gets_the_largest_factor_that_fits() {
+        assert_eq!(field_factor(&grid([64, 80, 72]), 8), 8, "fits");
+        assert_eq!(field_factor(&grid([40, 80, 72]), 8), 5, "40 voxels: 5 × 8");
+        assert_eq!(field_factor(&grid([20, 25, 22]), 4), 2);
+        assert_eq!(field_factor(&grid([15, 100, 100]), 2), 1, "under 16 voxels");
+        assert_eq!(field_factor(&grid([100, 100, 100]), 1), 1);
+        assert_eq!(field_factor(&grid([100, 100, 100]), 0), 1);
+        let coarse = field_grid(&grid([40, 80, 72]), 5);
+        assert_eq!(coarse.shape, [8, 16, 15]);
+        assert_eq!(shrink_factor(&grid([40, 80, 72]), &coarse), 5);
+        assert_eq!(field_grid(&grid([15, 9, 9]), 1), grid([15, 9, 9]));
+    }
 }

@@ -82,6 +82,12 @@ const MIN_RESOLUTION_MM: f64 = 0.25;
 /// Coarsest registration grid spacing accepted (mm).
 const MAX_RESOLUTION_MM: f64 = 16.0;
 
+/// Largest `deformable.field_shrink` accepted: a field 8 times coarser than a 2 mm level is
+/// already a 16 mm grid, smoother than any brain deformation worth finding, and a level
+/// needs at least 8 field voxels along each axis (64 image voxels at 8), so larger factors
+/// would only apply to the largest images and silently not at all elsewhere.
+pub const MAX_FIELD_SHRINK: u32 = 8;
+
 /// Where the tensors live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -135,7 +141,7 @@ pub struct AffineConfig {
     pub iterations: Vec<usize>,
     /// Similarity measure.
     pub loss: Loss,
-    /// Local NCC window (voxels, odd).
+    /// Local NCC window (voxels, odd, at least 3).
     pub window: i64,
     /// Adam step, as a fraction of the level's voxel size (mm per iteration).
     pub step: f64,
@@ -180,14 +186,17 @@ pub struct DeformableConfig {
     pub update_sigma: f64,
     /// Gaussian σ (voxels) applied to the whole field after each update.
     pub field_sigma: f64,
-    /// Local NCC window (voxels, odd).
+    /// Local NCC window (voxels, odd, at least 3).
     pub window: i64,
     /// Stop a level when the loss improved by less than this (relative) over 10 iterations.
     pub tolerance: f64,
     /// The field lives on a grid this many times coarser than each level's images (1: the
     /// same grid). The similarity still sees every voxel; the field's own work (Adam, the
     /// Gaussians, the composition) shrinks by the cube of it. A displacement is smooth at the
-    /// scale of a few voxels anyway, so 2 costs little accuracy.
+    /// scale of a few voxels anyway, so 2 costs little accuracy. From 1 to
+    /// [`MAX_FIELD_SHRINK`] (8). A level keeps at least 8 field voxels along each axis: where
+    /// the factor would leave fewer, that level uses the largest factor that leaves enough
+    /// (1 for a level under 16 voxels along an axis) and logs a warning naming it.
     pub field_shrink: u32,
 }
 
@@ -334,8 +343,11 @@ impl RegisterConfig {
                  on convergence long before)"
             ));
         }
-        if d.field_shrink == 0 {
-            out.push("deformable.field_shrink must be at least 1".into());
+        if !(1..=MAX_FIELD_SHRINK).contains(&d.field_shrink) {
+            out.push(format!(
+                "deformable.field_shrink must be from 1 to {MAX_FIELD_SHRINK}, got {}",
+                d.field_shrink
+            ));
         }
         if a.levels.iter().chain(&d.levels).any(|&f| f == 0) {
             out.push("level factors must be at least 1".into());
@@ -343,8 +355,13 @@ impl RegisterConfig {
         if d.loss == Loss::Mi {
             out.push("deformable.loss = \"mi\" is not supported; use \"ncc\" or \"mse\"".into());
         }
-        if a.window < 3 || d.window < 3 {
-            out.push("windows must be at least 3 voxels".into());
+        for (name, window) in [("affine.window", a.window), ("deformable.window", d.window)] {
+            if window < 3 || window % 2 == 0 {
+                // An even window would be used as the next odd one (the window is centred).
+                out.push(format!(
+                    "{name} must be an odd number of voxels, at least 3, got {window}"
+                ));
+            }
         }
         out
     }
@@ -858,5 +875,45 @@ mod tests {
         config.deformable.iterations = vec![100_000_000, 10, 1];
         let problems = config.problems().join("; ");
         assert!(problems.contains("at most 10000 per level"), "{problems}");
+    }
+
+    /// A window is centred on its voxel, so an even width cannot be honoured (4 was run as
+    /// 5); validate says so instead of running something else.
+    #[test]
+    fn even_or_tiny_windows_are_problems() {
+        let mut config = RegisterConfig::default();
+        config.deformable.window = 4;
+        assert_eq!(
+            config.problems(),
+            ["deformable.window must be an odd number of voxels, at least 3, got 4"]
+        );
+        config.deformable.window = 7;
+        config.affine.window = 1;
+        assert_eq!(
+            config.problems(),
+            ["affine.window must be an odd number of voxels, at least 3, got 1"]
+        );
+        config.affine.window = 3;
+        assert!(config.problems().is_empty());
+    }
+
+    /// `field_shrink` of 12 or 1000 ran as 1 (the finest, slowest field); factors outside
+    /// 1–8 are refused by validate.
+    #[test]
+    fn field_shrink_outside_one_to_eight_is_a_problem() {
+        let mut config = RegisterConfig::default();
+        for ok in 1..=MAX_FIELD_SHRINK {
+            config.deformable.field_shrink = ok;
+            assert!(config.problems().is_empty(), "{ok}");
+        }
+        for bad in [0, 9, 12, 16, 100, 1000] {
+            config.deformable.field_shrink = bad;
+            assert_eq!(
+                config.problems(),
+                [format!(
+                    "deformable.field_shrink must be from 1 to 8, got {bad}"
+                )]
+            );
+        }
     }
 }

@@ -8,6 +8,11 @@
 //! mean. A label in none of the three volumes has no row at all. With the default label list
 //! (every non-zero label of the truth) this never happens; it can with an explicit `labels`.
 //!
+//! **A truth with none of the scored labels** (an all-zero label map, or one of another
+//! labelling) fails the subject with an error naming its file: every Dice would be 0 or
+//! undefined, and counted as a result it would pull the dataset's mean down for a reason
+//! that is the data's, not the registration's. This holds whatever the segmentation holds.
+//!
 //! All labels are counted in one pass over the voxels through a label→index lookup table.
 //!
 //! Left out: surface distances (Hausdorff, ASSD) and per-label volumes; they can be added to
@@ -125,23 +130,24 @@ impl Stage for Dice {
                 )));
             }
         }
+        let truth_file = truth.header.path.display();
         let labels = match &self.labels {
             Some(list) => list.clone(),
             None => present_labels(&truth.data)
                 .map_err(|e| StageError::Data(format!("dice: labels of {file}: {e}")))?,
         };
+        if let Some(problem) = truth_problem(&truth.data, &labels) {
+            return Err(StageError::Data(format!(
+                "dice: truth label map {truth_file} (of {file}) {problem}; check the \
+                 subject's labels file"
+            )));
+        }
         let mut scores = dice_scores(
             &truth.data,
             &seg.initial_labels.data,
             &seg.labels.data,
             &labels,
         );
-        if scores.per_label.is_empty() {
-            return Err(StageError::Data(format!(
-                "dice: none of the labels {labels:?} occurs in the truth of {file} or the \
-                 segmentation"
-            )));
-        }
         scores.quality = Some(seg.transform.quality);
         tracing::debug!(
             labels = scores.per_label.len(),
@@ -157,6 +163,32 @@ impl Stage for Dice {
 #[inline]
 fn label_of(v: f32) -> Option<u32> {
     (v >= 0.0 && v < MAX_LABEL as f32).then(|| v.round() as u32)
+}
+
+/// Why `truth` cannot be scored on `labels` (sorted): it holds none of them, so every Dice
+/// would be 0 (or undefined) whatever the segmentation. `None` when at least one occurs.
+fn truth_problem(truth: &[f32], labels: &[u32]) -> Option<String> {
+    let scored = |v: f32| label_of(v).is_some_and(|l| labels.binary_search(&l).is_ok());
+    if truth.iter().any(|&v| scored(v)) {
+        return None;
+    }
+    if truth.iter().all(|&v| v == 0.0) {
+        return Some("is all zero: it holds none of the scored labels".into());
+    }
+    let found = present_labels(truth).unwrap_or_default();
+    if found.is_empty() {
+        return Some("holds no valid label".into());
+    }
+    let shown: Vec<String> = found.iter().take(8).map(u32::to_string).collect();
+    let more = if found.len() > shown.len() {
+        ", …"
+    } else {
+        ""
+    };
+    Some(format!(
+        "holds none of the scored labels {labels:?} (it holds {}{more})",
+        shown.join(", ")
+    ))
 }
 
 /// Sorted non-zero labels present in `truth`.
@@ -309,6 +341,98 @@ mod tests {
         assert_eq!(s.per_label[1].1, 0.0);
         assert!(s.per_label[1].2.is_nan());
         assert_eq!((s.mean_before, s.mean_after), (0.0, 1.0));
+    }
+
+    use crate::stage::{Scan, Segmentation, Transform};
+    use crate::volume::{Affine, Grid, SourceHeader, Volume};
+
+    /// A 2×2×2 volume of `data` read from `path`.
+    fn volume(path: &str, data: [f32; 8]) -> Arc<Volume> {
+        let v = Volume::new(data.to_vec(), [2, 2, 2], Affine::identity());
+        Arc::new(Volume {
+            header: Arc::new(SourceHeader {
+                path: path.into(),
+                ..(*v.header).clone()
+            }),
+            ..v
+        })
+    }
+
+    /// The `dice` stage's result for a subject whose truth is `truth` and whose
+    /// segmentation (before and after registration) is `seg`.
+    fn run(labels: Option<Vec<u32>>, truth: [f32; 8], seg: [f32; 8]) -> Result<Value, StageError> {
+        let seg = volume("seg.nii.gz", seg);
+        let segmentation = Value::Segmentation(Arc::new(Segmentation {
+            labels: seg.clone(),
+            initial_labels: seg.clone(),
+            warped_image: seg,
+            transform: Arc::new(Transform {
+                affine: Affine::identity(),
+                displacement: None,
+                inverse: None,
+                fixed_grid: Grid {
+                    shape: [2, 2, 2],
+                    affine: Affine::identity(),
+                },
+                quality: Default::default(),
+            }),
+        }));
+        let subject = Value::Scan(Arc::new(Scan {
+            image: volume("data/s1/norm.nii.gz", [1.0; 8]),
+            labels: Some(volume("data/s1/seg.nii.gz", truth)),
+            mask: None,
+            native: None,
+        }));
+        let stage = DiceConfig { labels }.build().unwrap();
+        let ctx = Context {
+            subject: "s1",
+            output_dir: std::path::Path::new("out"),
+            node: "dice",
+            entry: None,
+        };
+        let inputs = Inputs {
+            values: vec![("segment", &segmentation), ("scan", &subject)],
+        };
+        stage.process(&ctx, &inputs)
+    }
+
+    /// An all-zero truth scored Dice 0 and counted as a result; it must fail the subject,
+    /// naming the truth's file, whether the segmentation holds the labels or not.
+    #[test]
+    fn an_all_zero_truth_fails_the_subject_naming_its_file() {
+        let seg = [0.0, 2.0, 2.0, 17.0, 0.0, 0.0, 0.0, 0.0];
+        for (labels, seg) in [
+            (Some(vec![2, 17]), seg),
+            (Some(vec![2, 17]), [0.0; 8]),
+            (None, seg),
+            (None, [0.0; 8]),
+        ] {
+            let err = run(labels.clone(), [0.0; 8], seg).unwrap_err().to_string();
+            assert!(
+                err.contains("data/s1/seg.nii.gz") && err.contains("all zero"),
+                "{labels:?}: {err}"
+            );
+        }
+        // The truth holds labels, but none of those scored.
+        let err = run(
+            Some(vec![2, 17]),
+            [0.0, 0.0, 41.0, 0.0, 0.0, 0.0, 0.0, 5.0],
+            seg,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("data/s1/seg.nii.gz") && err.contains("none of the scored labels [2, 17]"),
+            "{err}"
+        );
+        assert!(err.contains("it holds 5, 41"), "{err}");
+
+        // One scored label in the truth is enough: a real (poor) result.
+        let truth = [0.0, 0.0, 0.0, 17.0, 0.0, 0.0, 0.0, 0.0];
+        let Ok(Value::Scores(scores)) = run(Some(vec![2, 17]), truth, seg) else {
+            panic!("scored");
+        };
+        assert_eq!(scores.per_label, vec![(2, 0.0, 0.0), (17, 1.0, 1.0)]);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! for a run a signal stopped, `"interrupted": true` with the subjects not run. Both are
 //! written to a temporary name and renamed, so a reader never sees half a report.
 //!
+//! A subject whose mean Dice after registration is lower than before (registration made
+//! things worse, e.g. on a scan with background noise) is flagged: `worse_than_before` in
+//! its CSV rows and its `per_subject` entry, listed under `"worse_than_before"` in the JSON,
+//! and named in a warning. It still counts as done (the exit status does not change): the
+//! numbers are real, they just deserve a look.
+//!
 //! Left out: HTML or figures, and per-label statistics over subjects (derivable from the CSV).
 
 use std::collections::HashMap;
@@ -100,23 +106,36 @@ impl Stage for Report {
         let json = serde_json::to_string_pretty(&summary_json(summary))
             .map_err(|e| StageError::Data(format!("report: {e}")))?;
         write_atomic(&json_path, json.as_bytes())?;
+        for outcome in sorted(summary) {
+            if let Some(scores) = outcome.scores.as_ref().filter(|s| worse_than_before(s)) {
+                tracing::warn!(
+                    subject = %outcome.subject,
+                    dice_before = scores.mean_before,
+                    dice_after = scores.mean_after,
+                    "Registration lowered the subject's mean Dice; check its scan and result"
+                );
+            }
+        }
         tracing::info!(file = %json_path.display(), "Report written");
         Ok(vec![csv_path, json_path])
     }
 }
 
 impl Report {
-    /// `subject,label,name,dice_before,dice_after`, subjects sorted, skipped Dice empty.
+    /// `subject,label,name,dice_before,dice_after,worse_than_before`, subjects sorted,
+    /// skipped Dice empty; the last column is the subject's flag (`true` when its mean Dice
+    /// after registration is lower than before), repeated on each of its rows.
     fn csv(&self, summary: &RunSummary) -> String {
-        let mut out = String::from("subject,label,name,dice_before,dice_after\n");
+        let mut out = String::from("subject,label,name,dice_before,dice_after,worse_than_before\n");
         for outcome in sorted(summary) {
             let Some(scores) = &outcome.scores else {
                 continue;
             };
+            let worse = worse_than_before(scores);
             for &(label, before, after) in &scores.per_label {
                 let name = self.names.get(&label).map(String::as_str).unwrap_or("");
                 out.push_str(&format!(
-                    "{},{label},{},{},{}\n",
+                    "{},{label},{},{},{},{worse}\n",
                     csv_field(&outcome.subject),
                     csv_field(name),
                     number(before),
@@ -126,6 +145,11 @@ impl Report {
         }
         out
     }
+}
+
+/// Whether registration lowered the subject's mean Dice (false when either is undefined).
+fn worse_than_before(scores: &crate::stage::Scores) -> bool {
+    scores.mean_after < scores.mean_before
 }
 
 fn sorted(summary: &RunSummary) -> Vec<&crate::stage::SubjectOutcome> {
@@ -153,6 +177,11 @@ fn summary_json(summary: &RunSummary) -> serde_json::Value {
             .collect()
     };
     let (before, after) = (means(|s| s.mean_before), means(|s| s.mean_after));
+    let worse: Vec<&str> = subjects
+        .iter()
+        .filter(|o| o.scores.as_ref().is_some_and(worse_than_before))
+        .map(|o| o.subject.as_str())
+        .collect();
     let mut not_run: Vec<&str> = summary.not_run.iter().map(String::as_str).collect();
     not_run.sort_unstable();
     let per_subject: Vec<_> = subjects
@@ -169,6 +198,7 @@ fn summary_json(summary: &RunSummary) -> serde_json::Value {
                 "dice_before": o.scores.as_ref().map(|s| s.mean_before),
                 "dice_after": o.scores.as_ref().map(|s| s.mean_after),
                 "labels_scored": o.scores.as_ref().map(|s| s.per_label.len()),
+                "worse_than_before": o.scores.as_ref().map(worse_than_before),
                 "quality": o.scores.as_ref().and_then(|s| s.quality),
                 "timings": timings,
             })
@@ -185,6 +215,7 @@ fn summary_json(summary: &RunSummary) -> serde_json::Value {
         },
         "failures": failures,
         "not_run": not_run,
+        "worse_than_before": worse,
         "dice": {
             "rule": DICE_RULE,
             "subjects_scored": after.len(),
@@ -338,9 +369,16 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert_eq!(
             &rows[0],
-            vec!["s1", "17", "Left-Hippocampus", "0.300000", "0.700000"]
+            vec![
+                "s1",
+                "17",
+                "Left-Hippocampus",
+                "0.300000",
+                "0.700000",
+                "false"
+            ]
         );
-        assert_eq!(&rows[1], vec!["s1", "53", "", "", "0.700000"]);
+        assert_eq!(&rows[1], vec!["s1", "53", "", "", "0.700000", "false"]);
         assert_eq!(&rows[3][0], "s2");
 
         let json: serde_json::Value =
@@ -402,5 +440,63 @@ mod tests {
             serde_json::json!({"total": 3, "ok": 1, "failed": 0, "not_run": 2})
         );
         assert_eq!(json["per_subject"].as_array().map(Vec::len), Some(1));
+    }
+
+    /// A registration that lowered a subject's Dice (0.21 → 0.07 on a noisy scan) is flagged
+    /// in both files and counted, though the subject still counts as done.
+    #[test]
+    fn a_subject_made_worse_by_registration_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let scores = |b: f64, a: f64| Scores {
+            per_label: vec![(17, b, a)],
+            mean_before: b,
+            mean_after: a,
+            quality: None,
+        };
+        let summary = RunSummary {
+            pipeline: "p".into(),
+            subjects: vec![
+                outcome("noisy", Some(scores(0.21, 0.07)), None),
+                outcome("good", Some(scores(0.21, 0.76)), None),
+                outcome("same", Some(scores(0.5, 0.5)), None),
+                outcome("unscored", Some(scores(f64::NAN, f64::NAN)), None),
+                outcome("failed", None, Some(("dice", "truth is all zero"))),
+            ],
+            ..RunSummary::default()
+        };
+        let ctx = Context {
+            subject: "<run>",
+            output_dir: dir.path(),
+            node: "report",
+            entry: None,
+        };
+        let report = Report {
+            names: HashMap::new(),
+        };
+        let files = report.finish(&ctx, &summary).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        assert_eq!(json["worse_than_before"], serde_json::json!(["noisy"]));
+        assert_eq!(json["subjects"]["ok"], 4, "still done");
+        let flag = |id: &str| {
+            let subjects = json["per_subject"].as_array().unwrap();
+            let s = subjects.iter().find(|s| s["subject"] == id).unwrap();
+            s["worse_than_before"].clone()
+        };
+        assert_eq!(flag("noisy"), true);
+        assert_eq!(flag("good"), false);
+        assert_eq!(flag("same"), false, "equal is not worse");
+        assert_eq!(flag("unscored"), false);
+        assert_eq!(flag("failed"), serde_json::Value::Null);
+
+        let mut rows = csv::Reader::from_path(&files[0]).unwrap();
+        assert_eq!(&rows.headers().unwrap()[5], "worse_than_before");
+        let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+        let row = |id: &str| rows.iter().find(|r| &r[0] == id).unwrap().clone();
+        assert_eq!(
+            row("noisy"),
+            vec!["noisy", "17", "", "0.210000", "0.070000", "true"]
+        );
+        assert_eq!(&row("good")[5], "false");
     }
 }
