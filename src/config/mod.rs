@@ -361,7 +361,14 @@ fn wire_vars(
         };
         vars.insert(name.clone(), text);
     }
-    vars
+    match vars::resolve(&vars) {
+        Ok(resolved) => resolved,
+        Err((name, why)) => {
+            let at = wire.get(&name).map_or(0, |v| v.span().start);
+            report(at, format!("variable `{name}`: {why}"));
+            vars
+        }
+    }
 }
 
 /// `[pipeline]` as a value, and the offset of each of its keys (for errors on their line).

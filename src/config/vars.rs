@@ -5,6 +5,9 @@
 //! wins so a user can point a bundled pipeline at another dataset without editing it
 //! (`data=/my/dataset voxflow run ...`). A `$` not followed by `{` is kept as it is.
 //!
+//! `[vars]` values are expanded first ([`resolve`]), so one may build on another
+//! (`data = "${base}/data"`); a fallback may itself hold `${...}`, expanded only when taken.
+//!
 //! An environment variable that is set but empty (`data= voxflow run ...`, or
 //! `data=$UNSET_VAR`) is an error where `${NAME}` uses it, rather than a silent switch to
 //! `[vars]` (the run would then go over the file's default dataset) or an empty path (the
@@ -19,21 +22,21 @@ use std::collections::BTreeMap;
 /// An unterminated `${`, an empty name, a variable defined nowhere without a fallback, or
 /// one the environment sets to an empty value without a fallback.
 pub fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
-    expand_with(text, vars, |name| std::env::var(name).ok())
+    expand_with(text, vars, &|name| std::env::var(name).ok())
 }
 
 /// [`expand`] with `env` in place of the process environment (for tests).
 fn expand_with(
     text: &str,
     vars: &BTreeMap<String, String>,
-    env: impl Fn(&str) -> Option<String>,
+    env: &impl Fn(&str) -> Option<String>,
 ) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
+        let Some(end) = closing_brace(after) else {
             return Err(format!("unterminated `${{` in {text:?}"));
         };
         let body = &after[..end];
@@ -54,7 +57,13 @@ fn expand_with(
                 .filter(|v| fallback.is_none() || !v.is_empty())
                 .cloned(),
         };
-        match value.or_else(|| fallback.map(str::to_string)) {
+        let value = match (value, fallback) {
+            (Some(v), _) => Some(v),
+            // A fallback may itself use variables (`${A:-${data}/x}`), expanded only when taken.
+            (None, Some(f)) => Some(expand_with(f, vars, env)?),
+            (None, None) => None,
+        };
+        match value {
             Some(v) => out.push_str(&v),
             None => {
                 return Err(format!(
@@ -66,6 +75,71 @@ fn expand_with(
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Where the `}` closing a `${` sits in `after` (the text after the `${`), counting the
+/// `${ ... }` nested in a fallback.
+fn closing_brace(after: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let bytes = after.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'{' if i > 0 && bytes[i - 1] == b'$' => depth += 1,
+            b'}' if depth == 0 => return Some(i),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The `[vars]` table with each value's own `${...}` expanded: a value may use the
+/// environment and the other variables (`data = "${base}/data"`). A variable the
+/// environment sets is taken from there as it is.
+///
+/// # Errors
+/// The first variable whose value cannot be expanded, with the reason; variables that refer
+/// to each other in a cycle.
+pub fn resolve(
+    vars: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, (String, String)> {
+    resolve_with(vars, |name| std::env::var(name).ok())
+}
+
+/// [`resolve`] with `env` in place of the process environment (for tests).
+fn resolve_with(
+    vars: &BTreeMap<String, String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>, (String, String)> {
+    let mut current = vars.clone();
+    // Each pass replaces one level of references; a chain can be at most as long as the
+    // table, so more passes than variables means a cycle.
+    for _ in 0..=vars.len() {
+        let mut next = BTreeMap::new();
+        for (name, value) in &current {
+            let expanded = expand_with(value, &current, &env).map_err(|e| (name.clone(), e))?;
+            next.insert(name.clone(), expanded);
+        }
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    let looping: Vec<&str> = current
+        .iter()
+        .filter(|(_, v)| v.contains("${"))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let Some(first) = looping.first().map(|n| n.to_string()) else {
+        return Ok(current);
+    };
+    Err((
+        first,
+        format!(
+            "[vars] refer to each other in a cycle: {}",
+            looping.join(", ")
+        ),
+    ))
 }
 
 /// Why `${name}` cannot take the environment's empty value.
@@ -134,7 +208,7 @@ mod tests {
             ("blank".to_string(), String::new()),
         ]);
         let env = |name: &str| ["data", "scratch"].contains(&name).then(String::new);
-        let expand = |text: &str| expand_with(text, &vars, env);
+        let expand = |text: &str| expand_with(text, &vars, &env);
         let err = expand("${data}/x").unwrap_err();
         assert!(
             err.contains("`data` is set but empty") && err.contains("/from/vars"),
@@ -146,6 +220,43 @@ mod tests {
         assert_eq!(expand("${scratch:-}").unwrap(), "");
         assert_eq!(expand("${blank:-fb}").unwrap(), "fb");
         assert_eq!(expand("${blank}").unwrap(), "");
+    }
+
+    #[test]
+    fn vars_use_each_other_and_fallbacks_nest() {
+        let table = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let env = |name: &str| (name == "SCRATCH").then(|| "/scratch".to_string());
+        let vars = table(&[
+            ("base", "/lab"),
+            ("data", "${base}/data"),
+            ("subjects", "${data}/oasis"),
+            ("cache", "${SCRATCH:-${base}/cache}"),
+            ("out", "${OUT:-${base}/out}"),
+        ]);
+        let done = resolve_with(&vars, env).unwrap();
+        assert_eq!(done["subjects"], "/lab/data/oasis");
+        assert_eq!(done["cache"], "/scratch");
+        assert_eq!(done["out"], "/lab/out");
+        assert_eq!(
+            expand_with("${ROOT:-${subjects}}/x", &done, &env).unwrap(),
+            "/lab/data/oasis/x"
+        );
+        // A fallback that is not taken is not expanded.
+        assert_eq!(
+            expand_with("${SCRATCH:-${nowhere}}", &done, &env).unwrap(),
+            "/scratch"
+        );
+        let looping = table(&[("a", "${b}/x"), ("b", "${a}/y"), ("c", "fine")]);
+        let (name, why) = resolve_with(&looping, env).unwrap_err();
+        assert_eq!(name, "a");
+        assert!(why.contains("cycle") && why.contains("a, b"), "{why}");
+        let (name, why) = resolve_with(&table(&[("a", "${nowhere}")]), env).unwrap_err();
+        assert!(name == "a" && why.contains("nowhere"), "{why}");
     }
 
     #[test]
