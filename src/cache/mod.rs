@@ -318,7 +318,7 @@ impl Cache {
             return;
         };
         self.since_evict.store(0, Ordering::Relaxed);
-        self.evict_quietly();
+        self.evict_to_cap(false);
     }
 
     /// Brings the cache folder under its size cap: evicts whole entries, least recently used
@@ -329,12 +329,9 @@ impl Cache {
         self.evict_to_cap(true);
     }
 
-    /// [`Cache::evict`] in the middle of a run: no warning that the run needs more than the
-    /// cap (the end of the run says it once), and what went is logged at debug level.
-    fn evict_quietly(&self) {
-        self.evict_to_cap(false);
-    }
-
+    /// [`Cache::evict`]; in the middle of a run (`end_of_run` false) without the warning that
+    /// the run needs more than the cap (the end of the run says it once), and with what went
+    /// logged at debug level.
     fn evict_to_cap(&self, end_of_run: bool) {
         let Some(dir) = &self.dir else { return };
         let listed = match store::entries(dir) {
@@ -523,19 +520,10 @@ mod tests {
         let mut h = Sha256::new();
         h.update(b"x");
         let k = Key(h.finalize().into());
-        let cache = Cache {
-            dir: Some(PathBuf::from("/nonexistent")),
-            nodes: vec![NodePlan {
-                name: "n".into(),
-                digest: node_digest("normalize", &toml::Table::new()),
-                enabled: true,
-            }],
-            stats: vec![NodeStats::default()],
-            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
-            used: Mutex::default(),
-            since_evict: AtomicU64::new(0),
-            evicting: Mutex::default(),
-        };
+        let cache = test_cache(
+            Some(PathBuf::from("/nonexistent")),
+            node_digest("normalize", &toml::Table::new()),
+        );
         assert!(cache.key(0, "s1", &[Some(k)]).is_some());
         assert_ne!(
             cache.key(0, "s1", &[Some(k)]),
@@ -543,6 +531,23 @@ mod tests {
         );
         assert_eq!(cache.key(0, "s1", &[Some(k), None]), None);
         assert_eq!(k.hex().len(), 64);
+    }
+
+    /// A cache in `dir` with one enabled node of digest `digest` and the default cap.
+    fn test_cache(dir: Option<PathBuf>, digest: Option<[u8; 32]>) -> Cache {
+        Cache {
+            dir,
+            nodes: vec![NodePlan {
+                name: "n".into(),
+                digest,
+                enabled: true,
+            }],
+            stats: vec![NodeStats::default()],
+            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
+            used: Mutex::default(),
+            since_evict: AtomicU64::new(0),
+            evicting: Mutex::default(),
+        }
     }
 
     fn probe(value: Result<Value, StageError>) -> voxflow_stages::stage::Scan {
@@ -557,19 +562,7 @@ mod tests {
     #[test]
     fn a_damaged_header_is_recomputed_and_replaced() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = Cache {
-            dir: Some(tmp.path().to_path_buf()),
-            nodes: vec![NodePlan {
-                name: "n".into(),
-                digest: None,
-                enabled: true,
-            }],
-            stats: vec![NodeStats::default()],
-            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
-            used: Mutex::default(),
-            since_evict: AtomicU64::new(0),
-            evicting: Mutex::default(),
-        };
+        let cache = test_cache(Some(tmp.path().to_path_buf()), None);
         let computed = AtomicU64::new(0);
         let scan = || {
             computed.fetch_add(1, Ordering::Relaxed);
@@ -610,19 +603,7 @@ mod tests {
     #[test]
     fn a_run_evicts_down_to_its_cap_after_reading_and_storing() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cache = Cache {
-            dir: Some(tmp.path().to_path_buf()),
-            nodes: vec![NodePlan {
-                name: "n".into(),
-                digest: None,
-                enabled: true,
-            }],
-            stats: vec![NodeStats::default()],
-            max_bytes: gb_to_bytes(DEFAULT_MAX_GB),
-            used: Mutex::default(),
-            since_evict: AtomicU64::new(0),
-            evicting: Mutex::default(),
-        };
+        let mut cache = test_cache(Some(tmp.path().to_path_buf()), None);
         let scan = || {
             let v = voxflow_stages::volume::Volume::new(
                 vec![2.0; 1000],

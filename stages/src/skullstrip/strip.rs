@@ -368,9 +368,8 @@ fn denoised(head: &Volume) -> Result<Option<Volume>, SkullStripError> {
 fn extract(full: &Volume, params: &AutoParams) -> Result<Extraction, SkullStripError> {
     let denoised = denoised(full)?;
     let full = denoised.as_ref().unwrap_or(full);
-    let head = full;
-    let (background, head_bits) = Head::locate(head)?;
-    let crop = Crop::around(&head_bits, head.shape, 2)
+    let (background, head_bits) = Head::locate(full)?;
+    let crop = Crop::around(&head_bits, full.shape, 2)
         .ok_or_else(|| SkullStripError::NoBrain("nothing above the background level".into()))?;
     let head = &crop.volume(full);
     let found = Head::new(
@@ -412,19 +411,13 @@ fn extract(full: &Volume, params: &AutoParams) -> Result<Extraction, SkullStripE
     let first = fill_holes_bits(&close_bits(&first, shape, spacing, 2.0), shape);
 
     let (hull, band) = hull_bits(head, &first, &params.refine, found, Some(levels), true)?;
-    Ok(Extraction {
-        crop,
-        shape,
-        hull,
-        band,
-    })
+    Ok(Extraction { crop, hull, band })
 }
 
 /// [`auto`] up to the brain's hull, with the dark layer around it measured: what
 /// [`auto`] and [`fit_csf_fraction`] share.
 struct Extraction {
     crop: Crop,
-    shape: [usize; 3],
     hull: Vec<bool>,
     band: DarkBand,
 }
@@ -433,8 +426,8 @@ impl Extraction {
     /// The mask on the cropped grid with `fraction` of the dark layer taken in, at most
     /// `cap_mm` deep.
     fn mask(&self, fraction: f64, cap_mm: f64) -> Vec<bool> {
-        let out = self.band.take(&self.hull, fraction, cap_mm);
-        fill_holes_bits(&largest_bits(&out, self.shape), self.shape)
+        self.band
+            .brain(&self.hull, fraction, cap_mm, self.crop.shape)
     }
 }
 
@@ -496,8 +489,8 @@ pub fn fit_csf_fraction(
     }
     let found = extract(head, params)?;
     let bits = to_bits(mask);
-    let outside =
-        bits.iter().filter(|&&b| b).count() - found.crop.take(&bits).iter().filter(|&&b| b).count();
+    // Voxels of `mask` outside the crop count against every share, as ours are empty there.
+    let reference = bits.iter().filter(|&&b| b).count();
     let within = found.crop.take(&bits);
     let cap = fitted_cap(params.refine.csf_margin_mm);
     let scores: Vec<(f64, f64)> = (0..=20)
@@ -511,7 +504,6 @@ pub fn fit_csf_fraction(
                 .fold((0usize, 0usize), |(b, n), (&o, &w)| {
                     (b + (o && w) as usize, n + o as usize)
                 });
-            let reference = within.iter().filter(|&&w| w).count() + outside;
             (fraction, 2.0 * both as f64 / (n + reference).max(1) as f64)
         })
         .collect();
@@ -618,8 +610,7 @@ fn refine_bits(
     trusted: bool,
 ) -> Result<Vec<bool>, SkullStripError> {
     let (hull, band) = hull_bits(head, bits, params, found, levels, trusted)?;
-    let out = band.take(&hull, params.csf_fraction, params.csf_margin_mm);
-    Ok(fill_holes_bits(&largest_bits(&out, head.shape), head.shape))
+    Ok(band.brain(&hull, params.csf_fraction, params.csf_margin_mm, head.shape))
 }
 
 /// [`refine_bits`] up to the closed, filled hull of the brain, with the dark layer around it
@@ -747,6 +738,12 @@ impl DarkBand {
                 !self.bright[idx] && d_in <= cap && d_in <= alpha * (d_in + d_out)
             })
             .collect()
+    }
+
+    /// [`DarkBand::take`], its largest piece with holes filled: the brain mask.
+    fn brain(&self, hull: &[bool], fraction: f64, cap_mm: f64, shape: [usize; 3]) -> Vec<bool> {
+        let out = self.take(hull, fraction, cap_mm);
+        fill_holes_bits(&largest_bits(&out, shape), shape)
     }
 }
 

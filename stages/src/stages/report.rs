@@ -316,6 +316,23 @@ mod tests {
         assert_eq!(names.len(), 2);
     }
 
+    /// The report of `summary` written into `dir` without label names: its files (CSV, JSON)
+    /// and the JSON read back.
+    fn written(dir: &Path, summary: &RunSummary) -> (Vec<PathBuf>, serde_json::Value) {
+        let ctx = Context {
+            subject: "<run>",
+            output_dir: dir,
+            node: "report",
+            entry: None,
+        };
+        let report = Report {
+            names: HashMap::new(),
+        };
+        let files = report.finish(&ctx, summary).unwrap();
+        let json = serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        (files, json)
+    }
+
     fn outcome(
         subject: &str,
         scores: Option<Scores>,
@@ -421,18 +438,7 @@ mod tests {
             not_run: vec!["s3".into(), "s2".into()],
             ..RunSummary::default()
         };
-        let ctx = Context {
-            subject: "<run>",
-            output_dir: dir.path(),
-            node: "report",
-            entry: None,
-        };
-        let report = Report {
-            names: HashMap::new(),
-        };
-        let files = report.finish(&ctx, &summary).unwrap();
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        let (_, json) = written(dir.path(), &summary);
         assert_eq!(json["interrupted"], true);
         assert_eq!(json["not_run"], serde_json::json!(["s2", "s3"]));
         assert_eq!(
@@ -464,18 +470,7 @@ mod tests {
             ],
             ..RunSummary::default()
         };
-        let ctx = Context {
-            subject: "<run>",
-            output_dir: dir.path(),
-            node: "report",
-            entry: None,
-        };
-        let report = Report {
-            names: HashMap::new(),
-        };
-        let files = report.finish(&ctx, &summary).unwrap();
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        let (files, json) = written(dir.path(), &summary);
         assert_eq!(json["worse_than_before"], serde_json::json!(["noisy"]));
         assert_eq!(json["subjects"]["ok"], 4, "still done");
         let flag = |id: &str| {
